@@ -1,0 +1,1 @@
+"""captioner: a small, readable image captioner whose cross-attention you can see."""

@@ -1,0 +1,83 @@
+"""The whole captioner: image -> encoder -> patch tokens -> decoder -> logits."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from captioner.models.config import CaptionerConfig
+from captioner.models.decoder import TextDecoder
+from captioner.models.encoder import VisionEncoder
+
+
+@dataclass
+class CaptionerOutput:
+    """Logits and every attention map; each list has one (B, heads, Tq, Tk) tensor per layer."""
+
+    logits: torch.Tensor
+    encoder_attention: list[torch.Tensor]
+    self_attention: list[torch.Tensor]
+    cross_attention: list[torch.Tensor]
+
+
+class CaptionerModel(nn.Module):
+    """Encoder-decoder captioner. Returns logits; loss and label shifting live outside."""
+
+    def __init__(self, config: CaptionerConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = VisionEncoder(config)
+        self.decoder = TextDecoder(config)
+        self.apply(self._init_weights)
+        # Scale residual output projections by depth (GPT-2), so deep stacks start stable.
+        for stack, depth in (
+            (self.encoder.blocks, config.encoder_depth),
+            (self.decoder.blocks, config.decoder_depth),
+        ):
+            std = 0.02 / math.sqrt(2 * depth)
+            for name, param in stack.named_parameters():
+                if name.endswith(("out_proj.weight", "mlp.2.weight")):
+                    nn.init.normal_(param, std=std)
+        for pos in (self.encoder.pos_embed, self.decoder.pos_embed):
+            if isinstance(pos, nn.Parameter):
+                nn.init.trunc_normal_(pos, std=0.02)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear | nn.Conv2d):
+            nn.init.trunc_normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        tokens: torch.Tensor,
+        token_padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Images (B, C, H, W) and input tokens (B, T) -> next-token logits (B, T, vocab)."""
+        memory, _ = self.encoder(images)
+        return self.decoder(tokens, memory, token_padding_mask).logits
+
+    def forward_with_attention(
+        self,
+        images: torch.Tensor,
+        tokens: torch.Tensor,
+        token_padding_mask: torch.Tensor | None = None,
+    ) -> CaptionerOutput:
+        """Same logits through the explicit attention path, with every attention map."""
+        memory, enc_weights = self.encoder(images, need_weights=True)
+        out = self.decoder(tokens, memory, token_padding_mask, need_weights=True)
+        return CaptionerOutput(out.logits, enc_weights, out.self_attention, out.cross_attention)
+
+    def num_parameters(self) -> int:
+        """Trainable parameters, counting the tied embedding once."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)

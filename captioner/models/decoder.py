@@ -1,0 +1,65 @@
+"""Causal text decoder that reads the image through cross-attention."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from captioner.models.blocks import DecoderBlock
+from captioner.models.config import CaptionerConfig
+
+
+@dataclass
+class DecoderOutput:
+    """Logits and, when asked, per-layer attention weights (B, heads, T, S) for each layer."""
+
+    logits: torch.Tensor  # (B, T, vocab)
+    self_attention: list[torch.Tensor] | None = None
+    cross_attention: list[torch.Tensor] | None = None
+
+
+class TextDecoder(nn.Module):
+    """Token + position embeddings, pre-norm blocks, final norm, output tied to the input."""
+
+    def __init__(self, config: CaptionerConfig) -> None:
+        super().__init__()
+        dim = config.decoder_dim
+        self.max_len = config.max_len
+        self.token_embed = nn.Embedding(config.vocab_size, dim)
+        self.pos_embed = nn.Parameter(torch.zeros(1, config.max_len, dim))
+        self.blocks = nn.ModuleList(
+            DecoderBlock(
+                dim, config.decoder_heads, config.encoder_dim, config.mlp_ratio, config.dropout
+            )
+            for _ in range(config.decoder_depth)
+        )
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, config.vocab_size, bias=False)
+        self.head.weight = self.token_embed.weight  # tied: one matrix for words in and out
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        memory: torch.Tensor,
+        token_padding_mask: torch.Tensor | None = None,
+        memory_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = False,
+    ) -> DecoderOutput:
+        """Tokens (B, T) and image tokens (B, S, Dimg) -> next-token logits (B, T, vocab)."""
+        length = tokens.shape[1]
+        if length > self.max_len:
+            raise ValueError(
+                f"token sequence of length {length} exceeds model.max_len={self.max_len}."
+            )
+        x = self.token_embed(tokens) + self.pos_embed[:, :length]  # (B, T, D)
+        self_weights, cross_weights = [], []
+        for block in self.blocks:
+            x, sw, cw = block(x, memory, token_padding_mask, memory_padding_mask, need_weights)
+            self_weights.append(sw)
+            cross_weights.append(cw)
+        logits = self.head(self.norm(x))
+        if not need_weights:
+            return DecoderOutput(logits)
+        return DecoderOutput(logits, self_weights, cross_weights)

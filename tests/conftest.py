@@ -1,0 +1,54 @@
+"""Shared fixtures: composed Hydra configs and tiny models, built once per session."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, open_dict
+
+from captioner.models import CaptionerConfig, CaptionerModel
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_threads() -> None:
+    torch.manual_seed(0)
+
+
+def compose_train(*overrides: str, output_dir: Path) -> DictConfig:
+    """The config `scripts/train.py` would run, writing everything under `output_dir`."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=list(overrides))
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+        cfg.paths.log_dir = str(output_dir)
+    return cfg
+
+
+@pytest.fixture
+def train_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
+    return lambda *overrides: compose_train(*overrides, output_dir=tmp_path)
+
+
+def tiny_config(**changes: object) -> CaptionerConfig:
+    values: dict = dict(
+        vocab_size=23, image_size=(16, 24), patch_size=4, encoder_dim=32, encoder_depth=2,
+        encoder_heads=4, decoder_dim=24, decoder_depth=2, decoder_heads=2, max_len=12,
+    )  # fmt: skip
+    values.update(changes)
+    return CaptionerConfig(**values)
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> CaptionerModel:
+    """A non-square (16 x 24 px -> 4 x 6 patches) model with different encoder/decoder widths."""
+    torch.manual_seed(0)
+    return CaptionerModel(tiny_config()).eval()

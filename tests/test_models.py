@@ -1,0 +1,187 @@
+"""Invariants of the encoder, decoder and attention that must hold at any size."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from captioner.errors import ConfigError
+from captioner.models import Attention, CaptionerConfig, CaptionerModel
+from captioner.models.attention import attention_mask
+from tests.conftest import tiny_config
+
+
+def inputs(batch: int = 2, length: int = 7, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, 16, 24, generator=g), torch.randint(
+        4, 23, (batch, length), generator=g
+    )
+
+
+def test_future_tokens_cannot_change_earlier_logits(tiny_model: CaptionerModel) -> None:
+    images, tokens = inputs()
+    base = tiny_model(images, tokens)
+    changed = tokens.clone()
+    changed[:, 4] = (changed[:, 4] + 1) % 23
+    out = tiny_model(images, changed)
+    torch.testing.assert_close(out[:, :4], base[:, :4])
+    assert not torch.allclose(out[:, 4:], base[:, 4:])
+
+
+def test_encoder_is_bidirectional(tiny_model: CaptionerModel) -> None:
+    images, _ = inputs()
+    first, _ = tiny_model.encoder(images)
+    changed = images.clone()
+    changed[..., -4:, -4:] += 1.0  # pixels of the last (bottom-right) patch only
+    second, _ = tiny_model.encoder(changed)
+    assert not torch.allclose(first[:, 0], second[:, 0])  # the first patch token moved
+
+
+def test_patch_tokens_are_row_major(tiny_model: CaptionerModel) -> None:
+    assert tiny_model.encoder.grid_size == (4, 6)
+    assert tiny_model.encoder.num_prefix_tokens == 0
+    images, _ = inputs()
+    base = tiny_model.encoder.patch_embed(images)
+    changed = images.clone()
+    changed[..., 4:8, 12:16] += 1.0  # pixel block of patch row 1, column 3
+    diff = (tiny_model.encoder.patch_embed(changed) - base).abs().sum(dim=(0, 2))
+    assert diff.nonzero().flatten().tolist() == [1 * 6 + 3]
+
+
+def test_decoder_reads_the_image(tiny_model: CaptionerModel) -> None:
+    images, tokens = inputs()
+    other = torch.randn_like(images)
+    assert not torch.allclose(tiny_model(images, tokens), tiny_model(other, tokens))
+
+
+def test_padded_tokens_change_nothing(tiny_model: CaptionerModel) -> None:
+    images, tokens = inputs(length=5)
+    base = tiny_model(images, tokens)
+    padded = torch.cat([tokens, torch.zeros(2, 3, dtype=torch.long)], dim=1)
+    mask = torch.zeros_like(padded, dtype=torch.bool)
+    mask[:, 5:] = True
+    out = tiny_model(images, padded, token_padding_mask=mask)
+    torch.testing.assert_close(out[:, :5], base)
+    # and masked keys really are ignored: changing the pad ids changes no real position
+    out2 = tiny_model(images, padded.masked_fill(mask, 7), token_padding_mask=mask)
+    torch.testing.assert_close(out2[:, :5], base)
+
+
+def test_masked_image_tokens_are_ignored_by_cross_attention(tiny_model: CaptionerModel) -> None:
+    images, tokens = inputs()
+    memory, _ = tiny_model.encoder(images)
+    mask = torch.zeros(memory.shape[:2], dtype=torch.bool)
+    mask[:, 10:] = True
+    base = tiny_model.decoder(tokens, memory, memory_padding_mask=mask).logits
+    noisy = memory.clone()
+    noisy[:, 10:] = torch.randn_like(noisy[:, 10:])
+    out = tiny_model.decoder(tokens, noisy, memory_padding_mask=mask).logits
+    torch.testing.assert_close(out, base)
+    unmasked = tiny_model.decoder(tokens, noisy).logits
+    assert not torch.allclose(unmasked, base)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("cross", [False, True])
+@pytest.mark.parametrize("padded", [False, True])
+def test_sdpa_and_explicit_attention_agree(causal: bool, cross: bool, padded: bool) -> None:
+    torch.manual_seed(0)
+    attn = Attention(dim=16, num_heads=4, kv_dim=12 if cross else None).eval()
+    x = torch.randn(3, 5, 16)
+    context = torch.randn(3, 9, 12) if cross else None
+    keys = 9 if cross else 5
+    mask = None
+    if padded:
+        mask = torch.zeros(3, keys, dtype=torch.bool)
+        mask[1, -2:] = True
+    fused, none = attn(x, context, causal=causal and not cross, key_padding_mask=mask)
+    explicit, weights = attn(
+        x, context, causal=causal and not cross, key_padding_mask=mask, need_weights=True
+    )
+    assert none is None
+    torch.testing.assert_close(fused, explicit, atol=1e-5, rtol=1e-5)
+    assert weights.shape == (3, 4, 5, keys)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(3, 4, 5))
+    if causal and not cross:
+        assert torch.all(weights.triu(diagonal=1) == 0)
+    if padded:
+        assert torch.all(weights[1, ..., -2:] == 0)
+
+
+def test_causal_mask_for_queries_that_end_a_longer_sequence() -> None:
+    """A step appending two tokens to four cached ones sees exactly what a full pass sees."""
+    full = attention_mask(6, 6, causal=True, key_padding_mask=None, device=torch.device("cpu"))
+    step = attention_mask(2, 6, causal=True, key_padding_mask=None, device=torch.device("cpu"))
+    assert torch.equal(step, full[4:])
+    assert torch.equal(full, torch.ones(6, 6, dtype=torch.bool).tril())
+
+
+def test_model_paths_agree_and_return_every_map(tiny_model: CaptionerModel) -> None:
+    images, tokens = inputs()
+    out = tiny_model.forward_with_attention(images, tokens)
+    torch.testing.assert_close(out.logits, tiny_model(images, tokens), atol=1e-5, rtol=1e-5)
+    assert len(out.encoder_attention) == 2 and out.encoder_attention[0].shape == (2, 4, 24, 24)
+    assert out.self_attention[0].shape == (2, 2, 7, 7)
+    assert out.cross_attention[0].shape == (2, 2, 7, 24)  # words x patches: rectangular
+
+
+def test_every_parameter_gets_a_gradient() -> None:
+    model = CaptionerModel(tiny_config(pos_embed="learned")).train()
+    images, tokens = inputs()
+    loss = model(images, tokens).logsumexp(-1).mean()
+    loss.backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+        assert torch.isfinite(param.grad).all(), name
+
+
+def test_embeddings_are_tied_and_init_ran() -> None:
+    model = CaptionerModel(tiny_config(encoder_dim=64, decoder_dim=64, vocab_size=500))
+    assert model.decoder.head.weight is model.decoder.token_embed.weight
+    assert abs(model.decoder.token_embed.weight.std().item() - 0.02) < 0.003
+    q = model.encoder.blocks[0].attn.q_proj
+    assert abs(q.weight.std().item() - 0.02) < 0.004 and torch.all(q.bias == 0)
+    out_std = model.encoder.blocks[0].attn.out_proj.weight.std().item()
+    assert out_std < 0.015  # residual projections are scaled down by depth
+
+
+def test_sincos_position_embedding_is_fixed_and_distinct() -> None:
+    model = CaptionerModel(tiny_config(pos_embed="sincos"))
+    names = {n for n, _ in model.named_parameters()}
+    assert "encoder.pos_embed" not in names
+    pos = model.encoder.pos_embed[0]  # (N, D)
+    assert pos.shape == (24, 32)
+    assert torch.cdist(pos, pos).add(torch.eye(24) * 10).min() > 0.1  # every patch differs
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"image_size": (16, 22)}, "model.patch_size"),
+        ({"encoder_dim": 30}, "model.encoder_heads"),
+        ({"decoder_heads": 5}, "model.decoder_heads"),
+        ({"pos_embed": "rope"}, "model.pos_embed"),
+        ({"encoder_depth": 0}, "model.encoder_depth"),
+        ({"pos_embed": "sincos", "encoder_dim": 34, "encoder_heads": 2}, "divisible by 4"),
+    ],
+)
+def test_config_errors_name_the_key(changes: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        tiny_config(**changes)
+
+
+def test_unknown_config_key_is_refused() -> None:
+    with pytest.raises(ConfigError, match="model.patch_sise"):
+        CaptionerConfig.from_dict({"vocab_size": 10, "patch_sise": 8})
+
+
+def test_config_round_trips_as_plain_types() -> None:
+    config = tiny_config()
+    state = config.to_dict()
+    assert state["image_size"] == [16, 24]
+    assert CaptionerConfig.from_dict(state) == config
+
+
+def test_wrong_image_size_is_a_clear_error(tiny_model: CaptionerModel) -> None:
+    with pytest.raises(ValueError, match="data.image_size"):
+        tiny_model(torch.randn(1, 3, 16, 16), torch.ones(1, 3, dtype=torch.long))

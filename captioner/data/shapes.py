@@ -1,0 +1,301 @@
+"""Procedural shapes scenes: images, reference captions and the ground truth behind them.
+
+Every sample is a pure function of (seed, split, index), so any number of samples exists
+without files. The ground truth (each object's attributes and pixel box, and which caption
+words refer to which object) makes caption correctness and attention grounding measurable.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from captioner.data.tokenizer import split_words
+from captioner.errors import ConfigError
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (50, 90, 235),
+    "yellow": (235, 210, 40),
+    "purple": (150, 60, 200),
+    "white": (235, 235, 235),
+}
+SHAPES = ("circle", "square", "triangle")
+SIZES: dict[str, float] = {"small": 0.5, "large": 0.8}  # object side as a fraction of a cell
+BACKGROUND = (30, 30, 30)
+GRID = 3  # objects sit in distinct cells of a GRID x GRID layout, so placement never loops
+MARGIN = 1  # pixels kept free at each cell edge: objects in different cells never touch
+
+# Phrases for "A <relation> B"; the first is the most common wording.
+RELATIONS: dict[str, tuple[str, ...]] = {
+    "left": ("to the left of", "left of"),
+    "right": ("to the right of", "right of"),
+    "above": ("above",),
+    "below": ("below", "under"),
+}
+TEMPLATES = ("{}", "there is {}", "an image of {}")
+CHAIN_JOIN = "which is"  # "A left of B which is above C"
+_FILLER = {"a", "an", "there", "is", "image", "of", "which"}
+_RELATION_WORDS = sorted(
+    ((tuple(p.split()), key) for key, ps in RELATIONS.items() for p in ps),
+    key=lambda item: -len(item[0]),
+)
+
+
+@dataclass(frozen=True)
+class ShapeObject:
+    """One drawn object; `box` is (x0, y0, x1, y1) in pixels, x1/y1 exclusive."""
+
+    colour: str
+    shape: str
+    size: str
+    box: tuple[int, int, int, int]
+
+    @property
+    def attributes(self) -> tuple[str, str, str]:
+        return (self.size, self.colour, self.shape)
+
+    def phrase(self) -> list[str]:
+        return ["a", self.size, self.colour, self.shape]
+
+
+def relation_holds(a: ShapeObject, relation: str, b: ShapeObject) -> bool:
+    """True when box `a` lies wholly on the `relation` side of box `b` (y grows downwards)."""
+    ax0, ay0, ax1, ay1 = a.box
+    bx0, by0, bx1, by1 = b.box
+    return {
+        "left": ax1 <= bx0,
+        "right": ax0 >= bx1,
+        "above": ay1 <= by0,
+        "below": ay0 >= by1,
+    }[relation]
+
+
+@dataclass(frozen=True)
+class ParsedCaption:
+    """Objects named by a caption, as (size, colour, shape), and (i, relation, j) claims."""
+
+    objects: tuple[tuple[str | None, str | None, str], ...]
+    relations: tuple[tuple[int, str, int], ...]
+
+
+def parse_caption(text: str) -> ParsedCaption | None:
+    """Read a caption back into objects and relations; None if it is not in the grammar."""
+    words = split_words(text)
+    objects: list[tuple[str | None, str | None, str]] = []
+    relations: list[tuple[int, str, int]] = []
+    pending: str | None = None
+    i = 0
+    while i < len(words):
+        match = next(
+            ((p, key) for p, key in _RELATION_WORDS if tuple(words[i : i + len(p)]) == p), None
+        )
+        if match is not None:
+            if pending is not None or not objects:
+                return None
+            pending = match[1]
+            i += len(match[0])
+            continue
+        if words[i] in _FILLER:
+            i += 1
+            continue
+        size = words[i] if words[i] in SIZES else None
+        i += size is not None
+        colour = words[i] if i < len(words) and words[i] in COLOURS else None
+        i += colour is not None
+        if i >= len(words) or words[i] not in SHAPES:
+            return None
+        if objects and pending is None:
+            return None  # two objects with no relation between them
+        if pending is not None:
+            relations.append((len(objects) - 1, pending, len(objects)))
+            pending = None
+        objects.append((size, colour, words[i]))
+        i += 1
+    if pending is not None or not objects:
+        return None
+    return ParsedCaption(tuple(objects), tuple(relations))
+
+
+@dataclass(frozen=True)
+class Scene:
+    """Ground truth of one image: its objects, captions and word -> object alignments."""
+
+    objects: tuple[ShapeObject, ...]
+    captions: tuple[str, ...]
+    # alignments[k][w] is the index of the object that word w of captions[k] names, or -1
+    alignments: tuple[tuple[int, ...], ...] = field(repr=False)
+
+    def caption_is_correct(self, text: str) -> bool:
+        """All objects named exactly once with the right attributes, and every relation true."""
+        parsed = parse_caption(text)
+        if parsed is None:
+            return False
+        by_attributes = {obj.attributes: obj for obj in self.objects}
+        if Counter(parsed.objects) != Counter(list(by_attributes)):
+            return False
+        named = [by_attributes[a] for a in parsed.objects]  # type: ignore[index]
+        return all(relation_holds(named[i], rel, named[j]) for i, rel, j in parsed.relations)
+
+
+class ShapesWorld:
+    """Samples and draws scenes; the same (split, index) always gives the same scene."""
+
+    SPLITS = {"train": 0, "val": 1, "test": 2, "test_comp": 3}
+
+    def __init__(
+        self,
+        image_size: int | Sequence[int] = 64,
+        min_objects: int = 1,
+        max_objects: int = 3,
+        captions_per_image: int = 5,
+        holdout_combos: Sequence[Sequence[str]] = (),
+        seed: int = 0,
+    ) -> None:
+        size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        self.image_size: tuple[int, int] = (int(size[0]), int(size[1]))
+        self.min_objects, self.max_objects = min_objects, max_objects
+        self.captions_per_image = captions_per_image
+        self.seed = seed
+        self.holdout = self._check_combos(holdout_combos)
+        all_combos = list(itertools.product(COLOURS, SHAPES))
+        self.seen_combos = [c for c in all_combos if c not in self.holdout]
+        if min(self.image_size) < 8 * GRID:
+            raise ConfigError(
+                f"data.image_size={list(self.image_size)} is too small for shapes scenes: "
+                f"use at least {8 * GRID} pixels a side."
+            )
+        if not 1 <= min_objects <= max_objects <= GRID * GRID:
+            raise ConfigError(
+                f"need 1 <= data.min_objects <= data.max_objects <= {GRID * GRID}, "
+                f"got {min_objects} and {max_objects}."
+            )
+        if max_objects > len(self.seen_combos):
+            raise ConfigError(
+                f"data.max_objects={max_objects} exceeds the {len(self.seen_combos)} colour-shape "
+                "pairs left after data.holdout_combos: lower one of them."
+            )
+        if captions_per_image < 1:
+            raise ConfigError(f"data.captions_per_image must be >= 1, got {captions_per_image}.")
+        self._edges = [
+            [round(k * side / GRID) for k in range(GRID + 1)] for side in self.image_size
+        ]  # row edges, column edges
+
+    @staticmethod
+    def _check_combos(combos: Sequence[Sequence[str]]) -> set[tuple[str, str]]:
+        out = set()
+        for combo in combos:
+            if len(combo) != 2 or combo[0] not in COLOURS or combo[1] not in SHAPES:
+                raise ConfigError(
+                    f"data.holdout_combos entry {list(combo)} is not [colour, shape]; colours: "
+                    f"{', '.join(COLOURS)}; shapes: {', '.join(SHAPES)}."
+                )
+            out.add((combo[0], combo[1]))
+        return out
+
+    def scene(self, split: str, index: int) -> Scene:
+        """The scene at `index` of `split`: objects, placements and captions."""
+        if split not in self.SPLITS:
+            raise ValueError(f"unknown shapes split {split!r}; use one of {list(self.SPLITS)}")
+        if split == "test_comp" and not self.holdout:
+            raise ConfigError("the compositional test split needs data.holdout_combos to be set.")
+        rng = np.random.default_rng([self.seed, self.SPLITS[split], index])
+        count = int(rng.integers(self.min_objects, self.max_objects + 1))
+        pool = self.seen_combos
+        combos: list[tuple[str, str]] = []
+        if split == "test_comp":  # at least one never-seen colour-shape pair per image
+            held = sorted(self.holdout)
+            combos.append(held[rng.integers(len(held))])
+            pool = [c for c in itertools.product(COLOURS, SHAPES) if c != combos[0]]
+        picks = rng.choice(len(pool), size=count - len(combos), replace=False)
+        combos += [pool[k] for k in picks]
+        cells = rng.choice(GRID * GRID, size=count, replace=False)
+        objects = tuple(
+            self._place(colour, shape, str(rng.choice(list(SIZES))), int(cell), rng)
+            for (colour, shape), cell in zip(combos, cells, strict=True)
+        )
+        captions, alignments = self._describe(objects, rng)
+        return Scene(objects, captions, alignments)
+
+    def _place(
+        self, colour: str, shape: str, size: str, cell: int, rng: np.random.Generator
+    ) -> ShapeObject:
+        row_edges, col_edges = self._edges
+        r, c = divmod(cell, GRID)
+        cell_h = row_edges[r + 1] - row_edges[r]
+        cell_w = col_edges[c + 1] - col_edges[c]
+        side = max(3, round(SIZES[size] * (min(cell_h, cell_w) - 2 * MARGIN)))
+        y0 = row_edges[r] + MARGIN + int(rng.integers(0, cell_h - 2 * MARGIN - side + 1))
+        x0 = col_edges[c] + MARGIN + int(rng.integers(0, cell_w - 2 * MARGIN - side + 1))
+        return ShapeObject(colour, shape, size, (x0, y0, x0 + side, y0 + side))
+
+    def _describe(
+        self, objects: tuple[ShapeObject, ...], rng: np.random.Generator
+    ) -> tuple[tuple[str, ...], tuple[tuple[int, ...], ...]]:
+        """Distinct references in varied object orders, relations and templates."""
+        orders = list(itertools.permutations(range(len(objects))))
+        captions: dict[str, tuple[int, ...]] = {}
+        for _ in range(4 * self.captions_per_image):
+            if len(captions) == self.captions_per_image:
+                break
+            order = orders[rng.integers(len(orders))]
+            words: list[str] = []
+            align: list[int] = []
+            for position, k in enumerate(order):
+                if position:
+                    prev = objects[order[position - 1]]
+                    valid = [r for r in RELATIONS if relation_holds(prev, r, objects[k])]
+                    relation = valid[rng.integers(len(valid))]
+                    phrases = RELATIONS[relation]
+                    phrase = phrases[rng.integers(len(phrases))].split()
+                    joiner = CHAIN_JOIN.split() if position > 1 else []
+                    words += joiner + phrase
+                    align += [-1] * (len(joiner) + len(phrase))
+                words += objects[k].phrase()
+                align += [-1, k, k, k]
+            template = TEMPLATES[rng.integers(len(TEMPLATES))]
+            prefix = template.split()[:-1]  # words before "{}"
+            captions.setdefault(" ".join(prefix + words), tuple([-1] * len(prefix) + align))
+        return tuple(captions), tuple(captions.values())
+
+    def render(self, scene: Scene) -> np.ndarray:
+        """Draw a scene as an (H, W, 3) uint8 array; row 0 is the top of the image."""
+        height, width = self.image_size
+        image = np.empty((height, width, 3), dtype=np.uint8)
+        image[:] = BACKGROUND
+        for obj in scene.objects:
+            x0, y0, x1, y1 = obj.box
+            side = x1 - x0
+            ys, xs = np.mgrid[0:side, 0:side] + 0.5  # pixel centres inside the box
+            if obj.shape == "square":
+                mask = np.ones((side, side), dtype=bool)
+            elif obj.shape == "circle":
+                mask = (ys - side / 2) ** 2 + (xs - side / 2) ** 2 <= (side / 2) ** 2
+            else:  # triangle, apex up
+                mask = np.abs(xs - side / 2) <= ys / 2
+            image[y0:y1, x0:x1][mask] = COLOURS[obj.colour]
+        return image
+
+
+class ShapesDataset(Dataset):
+    """`length` scenes of one split, as normalised image tensors with captions and truth."""
+
+    def __init__(self, world: ShapesWorld, split: str, length: int) -> None:
+        self.world, self.split, self.length = world, split, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < self.length:
+            raise IndexError(index)
+        scene = self.world.scene(self.split, index)
+        image = torch.from_numpy(self.world.render(scene)).permute(2, 0, 1)  # (3, H, W) uint8
+        return {"image": image, "captions": list(scene.captions), "image_id": index, "scene": scene}

@@ -1,0 +1,76 @@
+"""Word-level tokenizer whose vocabulary comes from the training captions only."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Iterable
+from typing import Any
+
+PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
+SPECIALS = (PAD, BOS, EOS, UNK)
+_WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?|[^\sa-z0-9]")
+
+
+def split_words(text: str) -> list[str]:
+    """Lower-case and split into words, with each punctuation mark its own word."""
+    return _WORD.findall(text.lower())
+
+
+class Tokenizer:
+    """Maps captions to ids and back; `<pad>`=0, `<bos>`=1, `<eos>`=2, `<unk>`=3."""
+
+    def __init__(self, words: Iterable[str]) -> None:
+        self.itos: list[str] = list(SPECIALS) + [w for w in words if w not in SPECIALS]
+        self.stoi = {w: i for i, w in enumerate(self.itos)}
+        if len(self.stoi) != len(self.itos):
+            raise ValueError("tokenizer vocabulary has duplicate words")
+        self.pad_id, self.bos_id, self.eos_id, self.unk_id = (self.stoi[s] for s in SPECIALS)
+
+    @classmethod
+    def build(cls, captions: Iterable[str], min_freq: int = 1) -> Tokenizer:
+        """Vocabulary of words seen at least `min_freq` times, most frequent first."""
+        if min_freq < 1:
+            raise ValueError(f"data.min_freq must be >= 1, got {min_freq}.")
+        counts = Counter(w for c in captions for w in split_words(c))
+        words = sorted((w for w, n in counts.items() if n >= min_freq), key=lambda w: (-counts[w], w))
+        if not words:
+            raise ValueError(
+                f"no word occurs {min_freq} or more times in the training captions: "
+                "lower data.min_freq or check the captions."
+            )
+        return cls(words)
+
+    def __len__(self) -> int:
+        return len(self.itos)
+
+    def encode(self, text: str, max_len: int | None = None) -> list[int]:
+        """`<bos>` words `<eos>`; if `max_len` is given, the words are cut to fit it."""
+        ids = [self.stoi.get(w, self.unk_id) for w in split_words(text)]
+        if max_len is not None:
+            ids = ids[: max_len - 2]
+        return [self.bos_id, *ids, self.eos_id]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Words up to the first `<eos>`, skipping `<bos>`/`<pad>`; punctuation hugs its word."""
+        words = []
+        for i in ids:
+            i = int(i)
+            if i == self.eos_id:
+                break
+            if i in (self.bos_id, self.pad_id):
+                continue
+            words.append(self.itos[i] if 0 <= i < len(self.itos) else UNK)
+        text = " ".join(words)
+        return re.sub(r" ([.,;:!?)])", r"\1", text).replace("( ", "(")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able state, stored in every checkpoint."""
+        return {"type": "word", "itos": list(self.itos)}
+
+    @classmethod
+    def from_dict(cls, state: dict[str, Any]) -> Tokenizer:
+        itos = state["itos"]
+        if tuple(itos[: len(SPECIALS)]) != SPECIALS:
+            raise ValueError("tokenizer state does not start with <pad> <bos> <eos> <unk>")
+        return cls(itos[len(SPECIALS) :])

@@ -6,7 +6,6 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
-
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
@@ -84,7 +83,8 @@ class CaptionDataModule(LightningDataModule):
     def test_dataloader(self) -> list[DataLoader]:
         self.setup()
         assert self._datasets is not None
-        return [self._loader(name, train=False) for name in self._datasets if name.startswith("test")]
+        names = [name for name in self._datasets if name.startswith("test")]
+        return [self._loader(name, train=False) for name in names]
 
 
 class ShapesDataModule(CaptionDataModule):

@@ -11,6 +11,7 @@ import itertools
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -148,7 +149,7 @@ class Scene:
 class ShapesWorld:
     """Samples and draws scenes; the same (split, index) always gives the same scene."""
 
-    SPLITS = {"train": 0, "val": 1, "test": 2, "test_comp": 3}
+    SPLITS: ClassVar[dict[str, int]] = {"train": 0, "val": 1, "test": 2, "test_comp": 3}
 
     def __init__(
         self,
@@ -239,13 +240,20 @@ class ShapesWorld:
     def _describe(
         self, objects: tuple[ShapeObject, ...], rng: np.random.Generator
     ) -> tuple[tuple[str, ...], tuple[tuple[int, ...], ...]]:
-        """Distinct references in varied object orders, relations and templates."""
-        orders = list(itertools.permutations(range(len(objects))))
+        """Distinct references: the objects chained in reading order or its reverse, with varied
+        relation words and templates ("A left of B" and "B right of A" describe one layout)."""
+        height = self.image_size[0]
+
+        def reading_key(k: int) -> tuple[int, int]:  # (layout row, left edge)
+            x0, y0, _, y1 = objects[k].box
+            return ((y0 + y1) * GRID // (2 * height), x0)
+
+        reading = sorted(range(len(objects)), key=reading_key)
         captions: dict[str, tuple[int, ...]] = {}
         for _ in range(4 * self.captions_per_image):
             if len(captions) == self.captions_per_image:
                 break
-            order = orders[rng.integers(len(orders))]
+            order = reading if rng.integers(2) == 0 else reading[::-1]
             words: list[str] = []
             align: list[int] = []
             for position, k in enumerate(order):

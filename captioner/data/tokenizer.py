@@ -33,7 +33,8 @@ class Tokenizer:
         if min_freq < 1:
             raise ValueError(f"data.min_freq must be >= 1, got {min_freq}.")
         counts = Counter(w for c in captions for w in split_words(c))
-        words = sorted((w for w, n in counts.items() if n >= min_freq), key=lambda w: (-counts[w], w))
+        kept = (w for w, n in counts.items() if n >= min_freq)
+        words = sorted(kept, key=lambda w: (-counts[w], w))  # most frequent first
         if not words:
             raise ValueError(
                 f"no word occurs {min_freq} or more times in the training captions: "

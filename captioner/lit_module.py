@@ -1,0 +1,170 @@
+"""Training and evaluation of a `CaptionerModel` with Lightning: label shift, loss, metrics."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from lightning import LightningModule
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
+
+from captioner.errors import ConfigError
+from captioner.generation import greedy_decode
+from captioner.metrics import caption_scores
+from captioner.models import CaptionerConfig, CaptionerModel
+
+
+class TokenizerLike(Protocol):
+    pad_id: int
+    bos_id: int
+    eos_id: int
+
+    def __len__(self) -> int: ...
+    def decode(self, ids: Any) -> str: ...
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+def warmup_cosine_schedule(
+    optimizer: Optimizer, total_steps: int, warmup_steps: int = 100, min_lr_ratio: float = 0.05
+) -> LambdaLR:
+    """Linear warm-up to the base learning rate, then cosine decay to `min_lr_ratio` of it."""
+    if warmup_steps < 0 or not 0.0 <= min_lr_ratio <= 1.0:
+        raise ConfigError(
+            "model.scheduler needs warmup_steps >= 0 and 0 <= min_lr_ratio <= 1, "
+            f"got {warmup_steps} and {min_lr_ratio}."
+        )
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return LambdaLR(optimizer, factor)
+
+
+class CaptionerLitModule(LightningModule):
+    """Teacher-forced training; validation and test decode greedily and score the captions.
+
+    Architecture keys (`model.patch_size`, `model.encoder_dim`, ...) arrive as keyword arguments
+    and become a `CaptionerConfig`; the config and tokenizer are saved in every checkpoint.
+    """
+
+    def __init__(
+        self,
+        tokenizer: TokenizerLike,
+        optimizer: Callable[..., Optimizer],
+        scheduler: Callable[..., LambdaLR] | None = None,
+        label_smoothing: float = 0.0,
+        **architecture: Any,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ConfigError(f"model.label_smoothing must be in [0, 1), got {label_smoothing}.")
+        self.save_hyperparameters(ignore=["tokenizer", "optimizer", "scheduler"], logger=False)
+        self.config = CaptionerConfig.from_dict({**architecture, "vocab_size": len(tokenizer)})
+        self.net = CaptionerModel(self.config)
+        self.tokenizer = tokenizer
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.label_smoothing = label_smoothing
+        self._outputs: dict[str, list[tuple[Any, str, list[str], Any]]] = defaultdict(list)
+
+    def loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Next-word cross-entropy: inputs are tokens[:-1], targets tokens[1:]; pads ignored."""
+        tokens = batch["tokens"]
+        logits = self.net(batch["images"], tokens[:, :-1])  # (B, T-1, vocab)
+        return F.cross_entropy(
+            logits.flatten(0, 1).float(),
+            tokens[:, 1:].flatten(),
+            ignore_index=self.tokenizer.pad_id,
+            label_smoothing=self.label_smoothing,
+        )
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = self.loss(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["tokens"]))
+        return loss
+
+    def generate(self, images: torch.Tensor) -> list[str]:
+        """Greedy captions for a batch of normalised images."""
+        tok = self.tokenizer
+        ids = greedy_decode(
+            self.net, images, tok.bos_id, tok.eos_id, tok.pad_id, self.config.max_len
+        )
+        return [tok.decode(row[1:].tolist()) for row in ids]
+
+    def _eval_step(self, batch: dict[str, Any]) -> None:
+        split = batch["split"]
+        self.log(
+            f"{split}/loss", self.loss(batch), batch_size=len(batch["tokens"]),
+            add_dataloader_idx=False, prog_bar=split == "val",
+        )  # fmt: skip
+        scenes = batch.get("scenes", [None] * len(batch["image_ids"]))
+        rows = zip(
+            batch["image_ids"],
+            self.generate(batch["images"]),
+            batch["references"],
+            scenes,
+            strict=True,
+        )
+        self._outputs[split].extend(rows)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch)
+
+    def _eval_epoch_end(self) -> None:
+        for split, rows in self._outputs.items():
+            predictions = {image_id: caption for image_id, caption, _, _ in rows}
+            references = {image_id: refs for image_id, _, refs, _ in rows}
+            metrics = caption_scores(predictions, references)
+            if rows[0][3] is not None:  # ground truth known: is every caption fully correct?
+                correct = [scene.caption_is_correct(caption) for _, caption, _, scene in rows]
+                metrics["scene_acc"] = sum(correct) / len(correct)
+            for name, value in metrics.items():
+                self.log(
+                    f"{split}/{name}",
+                    value,
+                    add_dataloader_idx=False,
+                    prog_bar=name in ("CIDEr", "scene_acc"),
+                )
+        self._outputs.clear()
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end()
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end()
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW-style groups: weight decay on matrices only, not on biases, norms or positions."""
+        decay, no_decay = [], []
+        for name, param in self.net.named_parameters():
+            (decay if param.ndim >= 2 and not name.endswith("pos_embed") else no_decay).append(
+                param
+            )
+        optimizer = self.optimizer_factory(
+            params=[{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+        )
+        if self.scheduler_factory is None:
+            return {"optimizer": optimizer}
+        total = int(self.trainer.estimated_stepping_batches)
+        scheduler = self.scheduler_factory(optimizer, total_steps=total)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Everything needed to rebuild the model without Hydra, as plain types."""
+        checkpoint["captioner"] = {
+            "config": self.config.to_dict(),
+            "tokenizer": self.tokenizer.to_dict(),
+        }

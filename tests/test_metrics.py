@@ -1,0 +1,32 @@
+"""The pycocoevalcap wrapper."""
+
+from __future__ import annotations
+
+import pytest
+
+from captioner.metrics import caption_scores
+
+REFS = {
+    1: ["a small red circle left of a large blue square", "there is a small red circle"],
+    2: ["a large green triangle", "an image of a large green triangle"],
+    3: ["a white square above a purple circle"],
+}
+
+
+def test_perfect_predictions_score_high_and_wrong_ones_low() -> None:
+    perfect = caption_scores({k: v[0] for k, v in REFS.items()}, REFS)
+    assert perfect["BLEU-4"] == pytest.approx(1.0, abs=1e-6)
+    assert perfect["BLEU-1"] == pytest.approx(1.0, abs=1e-6)
+    wrong = caption_scores({1: "a dog", 2: "two cats on a sofa", 3: ""}, REFS)
+    assert wrong["BLEU-4"] < 0.01 and wrong["CIDEr"] < perfect["CIDEr"]
+
+
+def test_ptb_tokenisation_ignores_case_and_punctuation() -> None:
+    plain = caption_scores({k: v[0] for k, v in REFS.items()}, REFS)
+    shouted = caption_scores({k: v[0].upper() + "." for k, v in REFS.items()}, REFS)
+    assert shouted == pytest.approx(plain)
+
+
+def test_ids_must_match() -> None:
+    with pytest.raises(ValueError, match="same"):
+        caption_scores({1: "a"}, {2: ["a"]})

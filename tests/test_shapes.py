@@ -47,13 +47,16 @@ def gap(a: ShapeObject, b: ShapeObject) -> int:
     return max(bx0 - ax1, ax0 - bx1, by0 - ay1, ay0 - by1)
 
 
-@pytest.mark.parametrize("image_size", [64, (48, 96), 24])
-def test_objects_never_overlap_even_when_the_image_is_full(image_size: int | tuple) -> None:
-    world = ShapesWorld(image_size=image_size, min_objects=9, max_objects=9)  # every cell used
+@pytest.mark.parametrize(("image_size", "grid"), [(64, 2), (64, 3), ((48, 96), 3), (24, 3)])
+def test_objects_never_overlap_even_when_the_image_is_full(
+    image_size: int | tuple, grid: int
+) -> None:
+    full = grid * grid  # every cell used
+    world = ShapesWorld(image_size=image_size, grid=grid, min_objects=full, max_objects=full)
     height, width = world.image_size
     for index in range(50):
         scene = world.scene("train", index)
-        assert len(scene.objects) == 9
+        assert len(scene.objects) == full
         for obj in scene.objects:
             x0, y0, x1, y1 = obj.box
             assert 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height
@@ -86,6 +89,19 @@ def test_every_reference_is_correct_and_varied(world: ShapesWorld) -> None:
             first_nouns = {split_words(c)[split_words(c).index("a") + 3] for c in scene.captions}
             orders += len(first_nouns) > 1
     assert orders > 50  # objects are described in more than one order
+
+
+def test_opening_words_tell_the_object_order(world: ShapesWorld) -> None:
+    """Reading order unless the caption opens with the reversed template: never ambiguous."""
+    for index in range(200):
+        scene = world.scene("train", index)
+        for caption, alignment in zip(scene.captions, scene.alignments, strict=True):
+            named = [a for a in alignment if a >= 0][::3]  # object index, once per object
+            rows = [(scene.objects[k].box[1] + scene.objects[k].box[3]) // 64 for k in named]
+            keys = [(r, scene.objects[k].box[0]) for r, k in zip(rows, named, strict=True)]
+            if caption.startswith("an image of"):
+                keys = keys[::-1]
+            assert keys == sorted(keys), caption
 
 
 def test_word_to_object_alignment(world: ShapesWorld) -> None:
@@ -174,7 +190,8 @@ def test_dataset_items(world: ShapesWorld) -> None:
         ({"holdout_combos": [["pink", "circle"]]}, "data.holdout_combos"),
         ({"max_objects": 10}, "data.max_objects"),
         ({"min_objects": 3, "max_objects": 2}, "data.min_objects"),
-        ({"image_size": 16}, "data.image_size"),
+        ({"image_size": 12}, "data.image_size"),
+        ({"grid": 0}, "data.grid"),
         ({"captions_per_image": 0}, "data.captions_per_image"),
     ],
 )

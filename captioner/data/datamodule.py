@@ -100,6 +100,7 @@ class ShapesDataModule(CaptionDataModule):
         num_train: int = 50_000,
         num_val: int = 500,
         num_test: int = 1000,
+        grid: int = 2,
         min_objects: int = 1,
         max_objects: int = 3,
         captions_per_image: int = 5,
@@ -116,7 +117,7 @@ class ShapesDataModule(CaptionDataModule):
             if value < 1:
                 raise ConfigError(f"data.{name} must be >= 1, got {value}.")
         self.world = ShapesWorld(
-            image_size, min_objects, max_objects, captions_per_image, holdout_combos, seed
+            image_size, grid, min_objects, max_objects, captions_per_image, holdout_combos, seed
         )
         self.sizes = {"train": num_train, "val": num_val, "test": num_test}
         if self.world.holdout:

@@ -31,7 +31,6 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 SHAPES = ("circle", "square", "triangle")
 SIZES: dict[str, float] = {"small": 0.5, "large": 0.8}  # object side as a fraction of a cell
 BACKGROUND = (30, 30, 30)
-GRID = 3  # objects sit in distinct cells of a GRID x GRID layout, so placement never loops
 MARGIN = 1  # pixels kept free at each cell edge: objects in different cells never touch
 
 # Phrases for "A <relation> B"; the first is the most common wording.
@@ -41,7 +40,10 @@ RELATIONS: dict[str, tuple[str, ...]] = {
     "above": ("above",),
     "below": ("below", "under"),
 }
-TEMPLATES = ("{}", "there is {}", "an image of {}")
+# The opening words tell which way a caption runs, so a caption's next object always follows
+# from the words before it: reading order, or (a quarter of references) its reverse.
+TEMPLATES = {"reading": ("{}", "there is {}"), "reversed": ("an image of {}",)}
+REVERSED_SHARE = 0.25
 CHAIN_JOIN = "which is"  # "A left of B which is above C"
 _FILLER = {"a", "an", "there", "is", "image", "of", "which"}
 _RELATION_WORDS = sorted(
@@ -154,6 +156,7 @@ class ShapesWorld:
     def __init__(
         self,
         image_size: int | Sequence[int] = 64,
+        grid: int = 2,
         min_objects: int = 1,
         max_objects: int = 3,
         captions_per_image: int = 5,
@@ -162,21 +165,24 @@ class ShapesWorld:
     ) -> None:
         size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         self.image_size: tuple[int, int] = (int(size[0]), int(size[1]))
+        self.grid = grid  # objects sit in distinct cells of a grid x grid layout: no retries
         self.min_objects, self.max_objects = min_objects, max_objects
         self.captions_per_image = captions_per_image
         self.seed = seed
         self.holdout = self._check_combos(holdout_combos)
         all_combos = list(itertools.product(COLOURS, SHAPES))
         self.seen_combos = [c for c in all_combos if c not in self.holdout]
-        if min(self.image_size) < 8 * GRID:
+        if grid < 1:
+            raise ConfigError(f"data.grid must be >= 1, got {grid}.")
+        if min(self.image_size) < 8 * grid:
             raise ConfigError(
-                f"data.image_size={list(self.image_size)} is too small for shapes scenes: "
-                f"use at least {8 * GRID} pixels a side."
+                f"data.image_size={list(self.image_size)} is too small for a {grid} x {grid} "
+                f"layout: use at least {8 * grid} pixels a side or a smaller data.grid."
             )
-        if not 1 <= min_objects <= max_objects <= GRID * GRID:
+        if not 1 <= min_objects <= max_objects <= grid * grid:
             raise ConfigError(
-                f"need 1 <= data.min_objects <= data.max_objects <= {GRID * GRID}, "
-                f"got {min_objects} and {max_objects}."
+                f"need 1 <= data.min_objects <= data.max_objects <= {grid * grid} (the cells of "
+                f"data.grid={grid}), got {min_objects} and {max_objects}."
             )
         if max_objects > len(self.seen_combos):
             raise ConfigError(
@@ -186,7 +192,7 @@ class ShapesWorld:
         if captions_per_image < 1:
             raise ConfigError(f"data.captions_per_image must be >= 1, got {captions_per_image}.")
         self._edges = [
-            [round(k * side / GRID) for k in range(GRID + 1)] for side in self.image_size
+            [round(k * side / grid) for k in range(grid + 1)] for side in self.image_size
         ]  # row edges, column edges
 
     @staticmethod
@@ -217,7 +223,7 @@ class ShapesWorld:
             pool = [c for c in itertools.product(COLOURS, SHAPES) if c != combos[0]]
         picks = rng.choice(len(pool), size=count - len(combos), replace=False)
         combos += [pool[k] for k in picks]
-        cells = rng.choice(GRID * GRID, size=count, replace=False)
+        cells = rng.choice(self.grid * self.grid, size=count, replace=False)
         objects = tuple(
             self._place(colour, shape, str(rng.choice(list(SIZES))), int(cell), rng)
             for (colour, shape), cell in zip(combos, cells, strict=True)
@@ -229,7 +235,7 @@ class ShapesWorld:
         self, colour: str, shape: str, size: str, cell: int, rng: np.random.Generator
     ) -> ShapeObject:
         row_edges, col_edges = self._edges
-        r, c = divmod(cell, GRID)
+        r, c = divmod(cell, self.grid)
         cell_h = row_edges[r + 1] - row_edges[r]
         cell_w = col_edges[c + 1] - col_edges[c]
         side = max(3, round(SIZES[size] * (min(cell_h, cell_w) - 2 * MARGIN)))
@@ -246,14 +252,15 @@ class ShapesWorld:
 
         def reading_key(k: int) -> tuple[int, int]:  # (layout row, left edge)
             x0, y0, _, y1 = objects[k].box
-            return ((y0 + y1) * GRID // (2 * height), x0)
+            return ((y0 + y1) * self.grid // (2 * height), x0)
 
         reading = sorted(range(len(objects)), key=reading_key)
         captions: dict[str, tuple[int, ...]] = {}
         for _ in range(4 * self.captions_per_image):
             if len(captions) == self.captions_per_image:
                 break
-            order = reading if rng.integers(2) == 0 else reading[::-1]
+            direction = "reversed" if rng.random() < REVERSED_SHARE else "reading"
+            order = reading[::-1] if direction == "reversed" else reading
             words: list[str] = []
             align: list[int] = []
             for position, k in enumerate(order):
@@ -268,7 +275,7 @@ class ShapesWorld:
                     align += [-1] * (len(joiner) + len(phrase))
                 words += objects[k].phrase()
                 align += [-1, k, k, k]
-            template = TEMPLATES[rng.integers(len(TEMPLATES))]
+            template = TEMPLATES[direction][rng.integers(len(TEMPLATES[direction]))]
             prefix = template.split()[:-1]  # words before "{}"
             captions.setdefault(" ".join(prefix + words), tuple([-1] * len(prefix) + align))
         return tuple(captions), tuple(captions.values())

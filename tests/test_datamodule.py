@@ -1,0 +1,44 @@
+"""Batches from the shapes DataModule: tokens, padding, references and ground truth."""
+
+from __future__ import annotations
+
+import torch
+
+from captioner.data import ShapesDataModule
+
+
+def test_batches_are_well_formed() -> None:
+    dm = ShapesDataModule(image_size=32, num_train=40, num_val=10, num_test=6, batch_size=8,
+                          holdout_combos=[["red", "circle"]])  # fmt: skip
+    tok = dm.tokenizer
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["images"].shape == (8, 3, 32, 32) and batch["images"].dtype == torch.float32
+    assert batch["images"].min() >= -1.0 and batch["images"].max() <= 1.0
+    tokens = batch["tokens"]
+    assert torch.all(tokens[:, 0] == tok.bos_id)
+    for row, refs in zip(tokens, batch["references"], strict=True):
+        ids = row.tolist()
+        end = ids.index(tok.eos_id)
+        assert all(i == tok.pad_id for i in ids[end + 1 :])
+        assert tok.decode(ids) in refs  # the trained caption is one of the image's references
+    assert batch["split"] == "train" and len(batch["scenes"]) == 8
+    names = [loader.collate_fn.split for loader in dm.test_dataloader()]
+    assert names == ["test", "test_comp"]
+
+
+def test_vocabulary_comes_from_training_captions_only() -> None:
+    dm = ShapesDataModule(image_size=32, num_train=30, holdout_combos=[["red", "circle"]])
+    words = set(dm.tokenizer.itos)
+    train_words = {
+        w for i in range(30) for c in dm.world.scene("train", i).captions for w in c.split()
+    }
+    assert words - {"<pad>", "<bos>", "<eos>", "<unk>"} == train_words
+
+
+def test_training_draws_different_references_of_an_image() -> None:
+    torch.manual_seed(0)
+    dm = ShapesDataModule(image_size=32, num_train=8, batch_size=8, min_objects=3, max_objects=3)
+    collate = dm.train_dataloader().collate_fn
+    sample = dm.datasets()["train"][0]
+    drawn = {tuple(collate([sample])["tokens"][0].tolist()) for _ in range(30)}
+    assert len(drawn) > 1

@@ -143,6 +143,8 @@ def test_embeddings_are_tied_and_init_ran() -> None:
     assert abs(q.weight.std().item() - 0.02) < 0.004 and torch.all(q.bias == 0)
     out_std = model.encoder.blocks[0].attn.out_proj.weight.std().item()
     assert out_std < 0.015  # residual projections are scaled down by depth
+    patch = model.encoder.patch_embed.proj.weight  # (D, C, p, p): LeCun normal
+    assert abs(patch.std().item() * patch[0].numel() ** 0.5 - 1.0) < 0.15
 
 
 def test_sincos_position_embedding_is_fixed_and_distinct() -> None:

@@ -42,7 +42,7 @@ RELATIONS: dict[str, tuple[str, ...]] = {
 }
 # The opening words tell which way a caption runs, so a caption's next object always follows
 # from the words before it: reading order, or (a quarter of references) its reverse.
-TEMPLATES = {"reading": ("{}", "there is {}"), "reversed": ("an image of {}",)}
+TEMPLATES = {"reading": ("{}",), "reversed": ("there is {}",)}
 REVERSED_SHARE = 0.25
 CHAIN_JOIN = "which is"  # "A left of B which is above C"
 _FILLER = {"a", "an", "there", "is", "image", "of", "which"}

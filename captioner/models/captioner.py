@@ -41,6 +41,10 @@ class CaptionerModel(nn.Module):
             for name, param in stack.named_parameters():
                 if name.endswith(("out_proj.weight", "mlp.2.weight")):
                     nn.init.normal_(param, std=std)
+        # Patch embedding: LeCun normal (JAX ViT), so pixel content starts on the same scale as
+        # the position embedding instead of far below a fixed sin-cos one.
+        patch = self.encoder.patch_embed.proj.weight
+        nn.init.trunc_normal_(patch, std=patch[0].numel() ** -0.5)
         for pos in (self.encoder.pos_embed, self.decoder.pos_embed):
             if isinstance(pos, nn.Parameter):
                 nn.init.trunc_normal_(pos, std=0.02)

@@ -69,10 +69,13 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
     metrics: dict[str, float] = {}
     if cfg.get("test", True):
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        if not best:
-            log.warning("no best checkpoint (fast_dev_run or no validation): testing last weights")
-        trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
+        ckpt = cfg.get("ckpt_path")  # without training, test the checkpoint that was given
+        if cfg.get("train", True):
+            callback = trainer.checkpoint_callback
+            ckpt = callback.best_model_path if callback else ""
+            if not ckpt:
+                log.warning("no best checkpoint (fast_dev_run or no validation): testing as is")
+        trainer.test(model, datamodule=datamodule, ckpt_path=ckpt or None, verbose=False)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test")}
     metrics["train/seconds"] = round(fit_seconds, 1)
 

@@ -10,6 +10,7 @@ import pytest
 from captioner.data.shapes import (
     COLOURS,
     MARGIN,
+    TEMPLATES,
     Scene,
     ShapeObject,
     ShapesDataset,
@@ -99,7 +100,7 @@ def test_opening_words_tell_the_object_order(world: ShapesWorld) -> None:
             named = [a for a in alignment if a >= 0][::3]  # object index, once per object
             rows = [(scene.objects[k].box[1] + scene.objects[k].box[3]) // 64 for k in named]
             keys = [(r, scene.objects[k].box[0]) for r, k in zip(rows, named, strict=True)]
-            if caption.startswith("an image of"):
+            if caption.startswith(TEMPLATES["reversed"][0].removesuffix("{}")):
                 keys = keys[::-1]
             assert keys == sorted(keys), caption
 

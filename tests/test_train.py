@@ -104,11 +104,11 @@ def test_every_experiment_runs_with_fast_dev_run(
 def test_short_run_saves_checkpoints_that_rebuild_the_model(
     train_cfg: Callable[..., DictConfig], tmp_path: Path
 ) -> None:
-    cfg = train_cfg(
+    overrides = (
         "experiment=shapes_tiny", "trainer.max_epochs=1", "trainer.limit_train_batches=6",
         "trainer.limit_val_batches=1", "trainer.limit_test_batches=1", "logger=csv",
     )  # fmt: skip
-    metrics, objects = train(cfg)
+    metrics, objects = train(train_cfg(*overrides))
     assert {"test/scene_acc", "test_comp/scene_acc", "test/CIDEr", "test/BLEU-4"} <= set(metrics)
     assert 0.0 <= metrics["test/scene_acc"] <= 1.0
     last = tmp_path / "checkpoints" / "last.ckpt"
@@ -128,6 +128,10 @@ def test_short_run_saves_checkpoints_that_rebuild_the_model(
     tokens = torch.tensor([[1, 5, 6], [1, 7, 8]])
     module.net.eval()
     torch.testing.assert_close(rebuilt.eval()(images, tokens), module.net(images, tokens))
+
+    best = objects["trainer"].checkpoint_callback.best_model_path
+    again, _ = train(train_cfg(*overrides, "train=false", f"ckpt_path={best}"))
+    assert again["test/loss"] == pytest.approx(metrics["test/loss"])  # the given weights
 
 
 def test_config_error_reaches_the_user(train_cfg: Callable[..., DictConfig]) -> None:

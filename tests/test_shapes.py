@@ -142,6 +142,7 @@ def two_objects() -> Scene:
         ("a small red circle a large blue square", False),  # no relation
         ("a small red circle left of", False),  # dangling relation
         ("a small red dog left of a large blue square", False),  # not in the grammar
+        ("an image of a small red circle left of a large blue square", False),  # nor is this
         ("", False),
     ],
 )
@@ -150,7 +151,7 @@ def test_parser_judges_captions(caption: str, correct: bool) -> None:
 
 
 def test_parser_reads_objects_and_relations() -> None:
-    parsed = parse_caption("an image of a small red circle to the left of a large blue square "
+    parsed = parse_caption("there is a small red circle to the left of a large blue square "
                            "which is under a small green triangle")  # fmt: skip
     assert parsed is not None
     assert parsed.objects == (

@@ -45,7 +45,7 @@ RELATIONS: dict[str, tuple[str, ...]] = {
 TEMPLATES = {"reading": ("{}",), "reversed": ("there is {}",)}
 REVERSED_SHARE = 0.25
 CHAIN_JOIN = "which is"  # "A left of B which is above C"
-_FILLER = {"a", "an", "there", "is", "image", "of", "which"}
+_FILLER = {"a", "there", "is", "which"}  # the words of TEMPLATES and CHAIN_JOIN
 _RELATION_WORDS = sorted(
     ((tuple(p.split()), key) for key, ps in RELATIONS.items() for p in ps),
     key=lambda item: -len(item[0]),

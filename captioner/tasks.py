@@ -55,11 +55,12 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         callbacks=_instantiate_group(cfg.get("callbacks")),
         logger=_instantiate_group(cfg.get("logger")) or False,
     )
+    num_params = model.net.num_parameters()
     for logger in trainer.loggers:
         logger.log_hyperparams(
-            {**OmegaConf.to_container(cfg, resolve=True), "num_params": model.net.num_parameters()}
+            {**OmegaConf.to_container(cfg, resolve=True), "num_params": num_params}
         )
-    log.info("model: %s parameters", f"{model.net.num_parameters():,}")
+    log.info("model: %s parameters", f"{num_params:,}")
 
     fit_seconds = 0.0
     if cfg.get("train", True):

@@ -187,3 +187,45 @@ def test_config_round_trips_as_plain_types() -> None:
 def test_wrong_image_size_is_a_clear_error(tiny_model: CaptionerModel) -> None:
     with pytest.raises(ValueError, match="data.image_size"):
         tiny_model(torch.randn(1, 3, 16, 16), torch.ones(1, 3, dtype=torch.long))
+
+
+def test_decoding_with_the_cache_equals_the_full_pass(tiny_model: CaptionerModel) -> None:
+    images, tokens = inputs(length=7)
+    memory, _ = tiny_model.encoder(images)
+    full = tiny_model.decoder(tokens, memory).logits
+    cache = tiny_model.decoder.init_cache(memory)
+    steps = [tiny_model.decoder(tokens[:, :3], None, cache=cache).logits]  # a prompt, then 1 by 1
+    buffer = cache.layers[0].keys
+    assert buffer is not None
+    pointer = buffer.data_ptr()
+    steps += [
+        tiny_model.decoder(tokens[:, t : t + 1], None, cache=cache).logits for t in range(3, 7)
+    ]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+    assert cache.length == 7
+    assert cache.layers[0].keys.data_ptr() == pointer  # allocated once, written in place
+    with pytest.raises(ValueError, match="model.max_len"):
+        tiny_model.decoder(tokens[:, :6], None, cache=cache)
+
+
+def test_beams_share_the_image_keys_without_copies() -> None:
+    """Rows b*G..b*G+G-1 reading image b's keys equal each row having its own copy."""
+    torch.manual_seed(0)
+    attn = Attention(dim=16, num_heads=4, kv_dim=12).eval()
+    context = torch.randn(2, 9, 12)
+    x = torch.randn(6, 3, 16)  # 3 beams for each of 2 images
+    padding = torch.zeros(2, 9, dtype=torch.bool)
+    padding[1, -3:] = True
+    for need_weights in (False, True):
+        shared, w_shared = attn(
+            x, kv=attn.project_kv(context), key_padding_mask=padding, need_weights=need_weights
+        )
+        copied, w_copied = attn(
+            x, context.repeat_interleave(3, 0), key_padding_mask=padding.repeat_interleave(3, 0),
+            need_weights=need_weights,
+        )  # fmt: skip
+        torch.testing.assert_close(shared, copied, atol=1e-6, rtol=1e-5)
+        if need_weights:
+            torch.testing.assert_close(w_shared, w_copied, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="cross-attention"):
+        attn(x, kv=attn.project_kv(context), causal=True)

@@ -39,6 +39,8 @@ class Attention(nn.Module):
 
     The fused path calls `F.scaled_dot_product_attention`; `need_weights=True` computes
     softmax(QK^T / sqrt(d)) V explicitly and also returns the weights, for analysis.
+    Keys and values can be handed in already projected (`kv`), which is how decoding reuses
+    the image's keys and values at every step and its own earlier positions from a cache.
     """
 
     def __init__(
@@ -52,6 +54,13 @@ class Attention(nn.Module):
         self.out_proj = nn.Linear(dim, dim)
         self.dropout = dropout
 
+    def project_kv(self, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of `source` (B, S, Dkv), each (B, heads, S, d)."""
+        batch, num_keys, _ = source.shape
+        kv = self.kv_proj(source).view(batch, num_keys, 2, self.num_heads, self.head_dim)
+        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, S, d)
+        return k, v
+
     def forward(
         self,
         x: torch.Tensor,
@@ -60,19 +69,29 @@ class Attention(nn.Module):
         causal: bool = False,
         key_padding_mask: torch.Tensor | None = None,
         need_weights: bool = False,
+        kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Attend from `x` (B, T, D) to `context` (B, S, Dkv), or to `x` when it is None.
 
-        `key_padding_mask` (B, S) is True at keys to ignore. Returns the output (B, T, D) and,
-        with `need_weights`, the attention weights (B, heads, T, S).
+        `key_padding_mask` (B, S) is True at keys to ignore. `kv`, if given, replaces the
+        projection of `context`: keys and values (Bkv, heads, S, d) where B is a multiple of
+        Bkv, so the B / Bkv beams of one image read that image's keys without copies (not with
+        `causal`). Causal queries are the last T of the S key positions. Returns the output
+        (B, T, D) and, with `need_weights`, the attention weights (B, heads, T, S).
         """
-        source = x if context is None else context
         batch, num_queries, dim = x.shape
-        num_keys = source.shape[1]
         q = self.q_proj(x).view(batch, num_queries, self.num_heads, self.head_dim)
         q = q.transpose(1, 2)  # (B, heads, T, d)
-        kv = self.kv_proj(source).view(batch, num_keys, 2, self.num_heads, self.head_dim)
-        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, S, d)
+        k, v = kv if kv is not None else self.project_kv(x if context is None else context)
+        num_keys = k.shape[2]
+        groups = batch // k.shape[0]
+        if groups > 1:  # several query rows per key row: fold them into the query axis
+            if causal:
+                raise ValueError("shared keys/values are for cross-attention, not causal")
+            q = q.reshape(k.shape[0], groups, self.num_heads, num_queries, self.head_dim)
+            q = q.transpose(1, 2).flatten(2, 3)  # (Bkv, heads, groups * T, d)
+        # The only query of a causal step is the newest position, which sees every key.
+        causal = causal and num_queries > 1
         dropout = self.dropout if self.training else 0.0
 
         # Without padding, a full causal or unmasked pass takes SDPA's built-in fast path.
@@ -98,5 +117,11 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal and fast
             )  # (B, heads, T, d)
+        if groups > 1:  # unfold the beams back into the batch
+            out = out.unflatten(2, (groups, num_queries)).transpose(1, 2)  # (Bkv, G, h, T, d)
+            out = out.reshape(batch, self.num_heads, num_queries, self.head_dim)
+            if weights is not None:
+                weights = weights.unflatten(2, (groups, num_queries)).transpose(1, 2)
+                weights = weights.reshape(batch, self.num_heads, num_queries, num_keys)
         out = out.transpose(1, 2).reshape(batch, num_queries, dim)  # (B, T, D)
         return self.out_proj(out), weights

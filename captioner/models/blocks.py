@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from captioner.models.attention import Attention
+from captioner.models.cache import LayerCache
 
 
 class MLP(nn.Sequential):
@@ -53,20 +54,27 @@ class DecoderBlock(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        memory: torch.Tensor,
+        memory: torch.Tensor | None,
         token_padding_mask: torch.Tensor | None = None,
         memory_padding_mask: torch.Tensor | None = None,
         need_weights: bool = False,
+        cache: LayerCache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """Returns the new stream and, with `need_weights`, self- and cross-attention weights."""
+        """Returns the new stream and, with `need_weights`, self- and cross-attention weights.
+
+        With a `cache`, `x` holds only the new positions: their keys and values are appended
+        to the cache, and the image's keys and values come from it instead of `memory`.
+        """
+        h = self.norm1(x)
+        self_kv = None if cache is None else cache.append(*self.self_attn.project_kv(h))
         attn_out, self_weights = self.self_attn(
-            self.norm1(x), causal=True, key_padding_mask=token_padding_mask,
-            need_weights=need_weights,
+            h, causal=True, key_padding_mask=token_padding_mask, need_weights=need_weights,
+            kv=self_kv,
         )  # fmt: skip
         x = x + attn_out
         attn_out, cross_weights = self.cross_attn(
             self.norm2(x), memory, key_padding_mask=memory_padding_mask,
-            need_weights=need_weights,
+            need_weights=need_weights, kv=None if cache is None else cache.memory_kv,
         )  # fmt: skip
         x = x + attn_out
         x = x + self.mlp(self.norm3(x))

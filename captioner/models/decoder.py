@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from captioner.models.blocks import DecoderBlock
+from captioner.models.cache import DecoderCache, LayerCache
 from captioner.models.config import CaptionerConfig
 
 
@@ -39,24 +40,45 @@ class TextDecoder(nn.Module):
         self.head = nn.Linear(dim, config.vocab_size, bias=False)
         self.head.weight = self.token_embed.weight  # tied: one matrix for words in and out
 
+    def init_cache(self, memory: torch.Tensor, max_len: int | None = None) -> DecoderCache:
+        """A cache for decoding captions of these images (B, S, Dimg), up to `max_len` tokens.
+
+        The image's cross-attention keys and values are projected here, once per image and
+        block; every later step (and every beam of the image) reads them.
+        """
+        max_len = self.max_len if max_len is None else min(max_len, self.max_len)
+        return DecoderCache(
+            [LayerCache(block.cross_attn.project_kv(memory), max_len) for block in self.blocks]
+        )
+
     def forward(
         self,
         tokens: torch.Tensor,
-        memory: torch.Tensor,
+        memory: torch.Tensor | None,
         token_padding_mask: torch.Tensor | None = None,
         memory_padding_mask: torch.Tensor | None = None,
         need_weights: bool = False,
+        cache: DecoderCache | None = None,
     ) -> DecoderOutput:
-        """Tokens (B, T) and image tokens (B, S, Dimg) -> next-token logits (B, T, vocab)."""
-        length = tokens.shape[1]
-        if length > self.max_len:
+        """Tokens (B, T) and image tokens (B, S, Dimg) -> next-token logits (B, T, vocab).
+
+        With a `cache` (from `init_cache`), `tokens` are only the new positions, which follow
+        the `cache.length` positions already decoded, and `memory` is not needed. The cache
+        rows may be beams: B is then a multiple of the number of images.
+        """
+        start = 0 if cache is None else cache.length
+        end = start + tokens.shape[1]
+        if end > self.max_len:
             raise ValueError(
-                f"token sequence of length {length} exceeds model.max_len={self.max_len}."
+                f"token sequence of length {end} exceeds model.max_len={self.max_len}."
             )
-        x = self.token_embed(tokens) + self.pos_embed[:, :length]  # (B, T, D)
+        x = self.token_embed(tokens) + self.pos_embed[:, start:end]  # (B, T, D)
         self_weights, cross_weights = [], []
-        for block in self.blocks:
-            x, sw, cw = block(x, memory, token_padding_mask, memory_padding_mask, need_weights)
+        for i, block in enumerate(self.blocks):
+            x, sw, cw = block(
+                x, memory, token_padding_mask, memory_padding_mask, need_weights,
+                None if cache is None else cache.layers[i],
+            )  # fmt: skip
             self_weights.append(sw)
             cross_weights.append(cw)
         logits = self.head(self.norm(x))

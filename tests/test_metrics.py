@@ -15,10 +15,18 @@ REFS = {
 
 def test_perfect_predictions_score_high_and_wrong_ones_low() -> None:
     perfect = caption_scores({k: v[0] for k, v in REFS.items()}, REFS)
-    assert perfect["BLEU-4"] == pytest.approx(1.0, abs=1e-6)
-    assert perfect["BLEU-1"] == pytest.approx(1.0, abs=1e-6)
+    assert set(perfect) == {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"}
+    for name in ("BLEU-1", "BLEU-4", "ROUGE-L"):
+        assert perfect[name] == pytest.approx(1.0, abs=1e-6)
+    assert perfect["METEOR"] > 0.9
     wrong = caption_scores({1: "a dog", 2: "two cats on a sofa", 3: ""}, REFS)
     assert wrong["BLEU-4"] < 0.01 and wrong["CIDEr"] < perfect["CIDEr"]
+    assert wrong["METEOR"] < 0.2 and wrong["ROUGE-L"] < 0.3
+
+
+def test_meteor_can_be_left_out() -> None:
+    scores = caption_scores({1: "a red circle"}, {1: ["a red circle"]}, meteor=False)
+    assert "METEOR" not in scores and "SPICE" not in scores
 
 
 def test_ptb_tokenisation_ignores_case_and_punctuation() -> None:

@@ -1,33 +1,375 @@
-"""Caption generation. Runs without gradients and leaves the model's train/eval mode as it was."""
+"""Caption generation: greedy, sampling and beam search, batched, on the decoder's KV cache.
+
+Every function runs without gradients and leaves the model's train/eval mode as it was.
+The image is encoded once; with the cache (the default) each step feeds the decoder one
+position per row and the image's cross-attention keys/values are projected once per image,
+shared by all of its beams. `use_cache=False` recomputes the whole prefix at every step: the
+reference that the cached path is tested against.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from captioner.models import CaptionerModel
+from captioner.errors import ConfigError
+from captioner.models import CaptionerConfig, CaptionerModel
+from captioner.models.cache import DecoderCache
+
+
+@dataclass
+class DecodingOptions:
+    """How words are chosen. The fields are the `decoding.*` keys of `conf/eval.yaml`."""
+
+    beam_size: int = 1  # 1: greedy (or sampling); k > 1 keeps k hypotheses per image
+    max_length: int | None = None  # most generated tokens, <eos> included; None: model.max_len-1
+    min_length: int = 0  # <eos> is not allowed before this many tokens
+    length_penalty: float = 1.0  # beams rank by sum(log p) / length ** length_penalty
+    early_stopping: bool = True  # beams: an image is done once beam_size hypotheses ended;
+    # False: only once no live beam can still beat them
+    do_sample: bool = False  # draw each word from the model's distribution
+    temperature: float = 1.0  # sampling: divides the logits; < 1 is more conservative
+    top_k: int = 0  # sampling: only among the k most likely words (0: all)
+    top_p: float = 1.0  # sampling: only among the most likely words holding this much mass
+    use_cache: bool = True  # False recomputes the whole prefix each step (a reference)
+
+    def resolve_max_length(self, config: CaptionerConfig, vocab_size: int) -> int:
+        """Check every field, naming the key to fix; returns the number of steps to run."""
+        longest = config.max_len - 1  # the model saw <bos> + at most max_len - 1 targets
+        max_length = longest if self.max_length is None else self.max_length
+        checks = [
+            (isinstance(self.beam_size, int) and self.beam_size >= 1, "beam_size", ">= 1"),
+            (
+                isinstance(max_length, int) and 1 <= max_length <= longest,
+                "max_length",
+                f"between 1 and {longest} (the model was trained with model.max_len="
+                f"{config.max_len} tokens, <bos> and <eos> included)",
+            ),
+            (0 <= self.min_length <= max_length, "min_length", f"between 0 and {max_length}"),
+            (self.temperature > 0, "temperature", "> 0 (use do_sample=false for greedy)"),
+            (self.top_k >= 0, "top_k", ">= 0"),
+            (0 < self.top_p <= 1, "top_p", "in (0, 1]"),
+            (
+                not (self.do_sample and self.beam_size > 1),
+                "do_sample",
+                "false when beam_size > 1 (sampling draws one caption per image)",
+            ),
+            (
+                2 * self.beam_size + 3 <= vocab_size,
+                "beam_size",
+                f"at most {(vocab_size - 3) // 2} for a vocabulary of {vocab_size} words",
+            ),
+        ]
+        for ok, key, rule in checks:
+            if not ok:
+                raise ConfigError(f"decoding.{key} must be {rule}, got {getattr(self, key)!r}.")
+        return max_length
+
+
+@dataclass
+class Generated:
+    """A batch of generated captions, one per image, aligned position by position.
+
+    Position i holds the i-th generated token; after `<eos>` rows are padded. The attention
+    at position i is what the decoder looked at while choosing token i: its query is the
+    position whose input is token i - 1 (`<bos>` for i = 0).
+    """
+
+    tokens: torch.Tensor  # (B, T) ids, <eos> included where it was generated, then <pad>
+    lengths: torch.Tensor  # (B,) tokens per row, <eos> included
+    token_logprobs: torch.Tensor  # (B, T) log p(token | image, tokens before), 0 past the end
+    cross_attention: torch.Tensor | None = None  # (B, layers, heads, T, patches)
+    self_attention: torch.Tensor | None = None  # (B, layers, heads, T, T) over <bos>, tokens
+
+
+class _Stepper:
+    """Next-token logits for the newest position of every row, with or without the cache."""
+
+    def __init__(
+        self,
+        model: CaptionerModel,
+        memory: torch.Tensor,
+        rows_per_image: int,
+        steps: int,
+        use_cache: bool,
+        need_weights: bool,
+    ) -> None:
+        self.decoder = model.decoder
+        self.need_weights = need_weights
+        self.cache: DecoderCache | None = None
+        self.memory: torch.Tensor | None = None
+        if use_cache:
+            self.cache = self.decoder.init_cache(memory, max_len=steps)
+        else:  # the reference: every row carries its own copy of the image tokens
+            self.memory = memory.repeat_interleave(rows_per_image, dim=0)
+
+    def __call__(
+        self, prefix: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Prefix (N, t) -> log-probabilities (N, vocab) of the next token and, if asked,
+        the newest query's cross-attention (N, layers, heads, S) and self-attention
+        (N, layers, heads, t)."""
+        tokens = prefix if self.cache is None else prefix[:, -1:]
+        out = self.decoder(tokens, self.memory, need_weights=self.need_weights, cache=self.cache)
+        logprobs = out.logits[:, -1].float().log_softmax(dim=-1)
+        if not self.need_weights:
+            return logprobs, None, None
+        assert out.cross_attention is not None and out.self_attention is not None
+        cross = torch.stack([w[:, :, -1] for w in out.cross_attention], dim=1)
+        self_weights = torch.stack([w[:, :, -1] for w in out.self_attention], dim=1)
+        return logprobs, cross.float(), self_weights.float()
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Row i continues old row `rows[i]`. Without a cache the prefixes say it all, and the
+        image rows need no change: beams never move to another image."""
+        if self.cache is not None:
+            self.cache.reorder(rows)
+
+
+class _Recorder:
+    """Per-step attention of every row, kept until the finished captions are known."""
+
+    def __init__(self, steps: int, rows: int, model: CaptionerModel, device: torch.device):
+        config = model.config
+        layers, heads = config.decoder_depth, config.decoder_heads
+        patches = config.grid_size[0] * config.grid_size[1]
+        self.cross = torch.zeros(steps, rows, layers, heads, patches, device=device)
+        self.self = torch.zeros(steps, rows, layers, heads, steps, device=device)
+
+    def record(self, step: int, cross: torch.Tensor | None, self_w: torch.Tensor | None) -> None:
+        assert cross is not None and self_w is not None
+        self.cross[step] = cross
+        self.self[step, ..., : step + 1] = self_w
+
+    def gather(
+        self, query_rows: torch.Tensor, lengths: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention of each caption's positions; `query_rows` (M, T) names the row whose
+        query chose each position. Returns (M, layers, heads, T, S) and (M, layers, heads, T, T).
+        """
+        steps = query_rows.shape[1]
+        at = torch.arange(steps, device=query_rows.device)
+        live = (at[None, :] < lengths[:, None]).float()[:, None, None, :, None]  # (M,1,1,T,1)
+        cross = self.cross[at[None, :], query_rows].permute(0, 2, 3, 1, 4) * live
+        self_w = self.self[at[None, :], query_rows, ..., :steps].permute(0, 2, 3, 1, 4) * live
+        return cross, self_w
+
+
+def _allowed(logprobs: torch.Tensor, step: int, ids: tuple[int, int, int], min_length: int):
+    """Scores to choose from: never <pad> or <bos>, and no <eos> before `min_length` tokens."""
+    bos_id, eos_id, pad_id = ids
+    scores = logprobs.clone()
+    scores[:, [bos_id, pad_id]] = float("-inf")
+    if step < min_length:
+        scores[:, eos_id] = float("-inf")
+    return scores
+
+
+def _pick(
+    scores: torch.Tensor, options: DecodingOptions, generator: torch.Generator | None
+) -> torch.Tensor:
+    """The most likely token of each row (N, vocab) -> (N,), or one drawn from the filtered
+    distribution (temperature, then top-k, then top-p)."""
+    if not options.do_sample:
+        return scores.argmax(dim=-1)
+    logits = scores / options.temperature
+    if 0 < options.top_k < logits.shape[-1]:
+        kth = logits.topk(options.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if options.top_p < 1.0:
+        ordered, order = logits.sort(dim=-1, descending=True)
+        probs = ordered.softmax(dim=-1)
+        outside = probs.cumsum(dim=-1) - probs >= options.top_p  # the most likely always stays
+        logits = logits.scatter(-1, order, ordered.masked_fill(outside, float("-inf")))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
+
+
+@dataclass
+class _Search:
+    """What every search strategy works with."""
+
+    stepper: _Stepper
+    recorder: _Recorder | None
+    batch: int  # images
+    steps: int  # most tokens per caption
+    ids: tuple[int, int, int]  # <bos>, <eos>, <pad>
+    options: DecodingOptions
+    device: torch.device
+
+    def greedy_or_sample(self, generator: torch.Generator | None) -> Generated:
+        """One caption per image: the most likely word at every step, or a drawn one."""
+        stepper, recorder, options, device = self.stepper, self.recorder, self.options, self.device
+        batch, steps, ids = self.batch, self.steps, self.ids
+        bos_id, eos_id, pad_id = ids
+        seq = torch.full((batch, steps + 1), pad_id, dtype=torch.long, device=device)
+        seq[:, 0] = bos_id
+        token_logprobs = torch.zeros(batch, steps, device=device)
+        done = torch.zeros(batch, dtype=torch.bool, device=device)
+        lengths = torch.full((batch,), steps, dtype=torch.long, device=device)
+        ran = 0
+        for t in range(steps):
+            logprobs, cross, self_w = stepper(seq[:, : t + 1])
+            choice = _pick(_allowed(logprobs, t, ids, options.min_length), options, generator)
+            choice = choice.masked_fill(done, pad_id)
+            seq[:, t + 1] = choice
+            token_logprobs[:, t] = (
+                logprobs.gather(1, choice[:, None]).squeeze(1).masked_fill(done, 0)
+            )
+            if recorder is not None:
+                recorder.record(t, cross, self_w)
+            ended = ~done & (choice == eos_id)
+            lengths[ended] = t + 1
+            done |= ended
+            ran = t + 1
+            if done.all():
+                break
+        lengths.clamp_(max=ran)
+        out = Generated(seq[:, 1 : ran + 1], lengths, token_logprobs[:, :ran])
+        if recorder is not None:
+            rows = torch.arange(batch, device=device)[:, None].expand(batch, ran)
+            out.cross_attention, out.self_attention = recorder.gather(rows, lengths)
+        return out
+
+    def beam_search(self) -> Generated:
+        """Keep `beam_size` hypotheses per image; hypotheses that end go to a pool of the best
+        `beam_size` per image; the best of the pool is returned.
+
+        Every step records, for each row, its token, the row it continues and that token's
+        log-probability; the returned captions are read back through those links, so tokens,
+        log-probabilities and attention follow the chosen hypothesis's own history.
+        """
+        stepper, recorder, options, device = self.stepper, self.recorder, self.options, self.device
+        batch, steps, ids = self.batch, self.steps, self.ids
+        bos_id, eos_id, pad_id = ids
+        k = options.beam_size
+        rows = batch * k
+        first_row = (torch.arange(batch, device=device) * k)[:, None]  # (B, 1)
+        rank = torch.arange(2 * k, device=device)[None, :]  # (1, 2k)
+        seq = torch.full((rows, steps + 1), pad_id, dtype=torch.long, device=device)
+        seq[:, 0] = bos_id
+        step_token = torch.zeros(steps, rows, dtype=torch.long, device=device)
+        step_parent = torch.zeros(steps, rows, dtype=torch.long, device=device)
+        step_logprob = torch.zeros(steps, rows, device=device)
+        beam_scores = torch.zeros(batch, k, device=device)
+        beam_scores[:, 1:] = float("-inf")  # all beams start identical: keep one
+        # The pool of ended hypotheses: score, last step, the row whose query chose the last
+        # token, that token and its log-probability.
+        pool = {
+            "score": torch.full((batch, k), float("-inf"), device=device),
+            "step": torch.zeros(batch, k, dtype=torch.long, device=device),
+            "row": torch.zeros(batch, k, dtype=torch.long, device=device),
+            "token": torch.full((batch, k), pad_id, dtype=torch.long, device=device),
+            "logprob": torch.zeros(batch, k, device=device),
+        }
+        done = torch.zeros(batch, dtype=torch.bool, device=device)
+        alpha = options.length_penalty
+        ran = 0
+        for t in range(steps):
+            logprobs, cross, self_w = stepper(seq[:, : t + 1])  # (rows, V)
+            if recorder is not None:
+                recorder.record(t, cross, self_w)
+            vocab = logprobs.shape[1]
+            scores = _allowed(logprobs, t, ids, options.min_length) + beam_scores.view(rows, 1)
+            top_scores, top = scores.view(batch, k * vocab).topk(2 * k, dim=1)  # (B, 2k)
+            parent = first_row + top // vocab  # (B, 2k) rows
+            token = top % vocab
+            token_logprob = logprobs[parent, token]
+            is_eos = token == eos_id
+            # The next beams: the k best candidates that do not end with <eos>.
+            pick = (rank + is_eos * 2 * k).argsort(dim=1)[:, :k]  # (B, k)
+            live_scores, live_parent = top_scores.gather(1, pick), parent.gather(1, pick)
+            live_token, live_logprob = token.gather(1, pick), token_logprob.gather(1, pick)
+
+            # Hypotheses that end here: <eos> among the k best candidates, and at the length
+            # limit every live beam.
+            ends = [(is_eos & (rank < k), top_scores, parent, token, token_logprob)]
+            if t == steps - 1:
+                ends.append((torch.ones_like(pick, dtype=torch.bool), live_scores, live_parent,
+                             live_token, live_logprob))  # fmt: skip
+            for mask, score, row, tok, logprob in ends:
+                mask = mask & ~done[:, None] & torch.isfinite(score)
+                candidate = {
+                    "score": (score / (t + 1) ** alpha).masked_fill(~mask, float("-inf")),
+                    "step": torch.full_like(row, t), "row": row, "token": tok, "logprob": logprob,
+                }  # fmt: skip
+                merged = {key: torch.cat([pool[key], candidate[key]], dim=1) for key in pool}
+                best = merged["score"].topk(k, dim=1).indices
+                pool = {key: value.gather(1, best) for key, value in merged.items()}
+
+            full = torch.isfinite(pool["score"]).all(dim=1)
+            if options.early_stopping:
+                done |= full
+            else:  # done when no live beam can still beat the worst ended hypothesis
+                best_length = steps if alpha > 0 else t + 2
+                bound = live_scores.max(dim=1).values / best_length**alpha
+                done |= full & (bound <= pool["score"].min(dim=1).values)
+
+            rows_next = live_parent.reshape(rows)
+            step_token[t], step_parent[t] = live_token.reshape(rows), rows_next
+            step_logprob[t] = live_logprob.reshape(rows)
+            seq = seq[rows_next]
+            seq[:, t + 1] = step_token[t]
+            beam_scores = live_scores
+            stepper.reorder(rows_next)
+            ran = t + 1
+            if done.all():
+                break
+
+        # Read the best hypothesis of each image back through the recorded links.
+        best = pool["score"].argmax(dim=1, keepdim=True)
+        end = pool["step"].gather(1, best).squeeze(1)  # (B,) last position
+        query = pool["row"].gather(1, best).squeeze(1)
+        tokens = torch.full((batch, ran), pad_id, dtype=torch.long, device=device)
+        token_logprobs = torch.zeros(batch, ran, device=device)
+        query_rows = torch.zeros(batch, ran, dtype=torch.long, device=device)
+        everyone = torch.arange(batch, device=device)
+        tokens[everyone, end] = pool["token"].gather(1, best).squeeze(1)
+        token_logprobs[everyone, end] = pool["logprob"].gather(1, best).squeeze(1)
+        for s in reversed(range(ran)):
+            inside = s < end
+            tokens[:, s] = torch.where(inside, step_token[s, query], tokens[:, s])
+            token_logprobs[:, s] = torch.where(inside, step_logprob[s, query], token_logprobs[:, s])
+            query = torch.where(inside, step_parent[s, query], query)
+            query_rows[:, s] = query
+        lengths = end + 1
+        out = Generated(tokens, lengths, token_logprobs)
+        if recorder is not None:
+            out.cross_attention, out.self_attention = recorder.gather(query_rows, lengths)
+        return out
 
 
 @torch.no_grad()
-def greedy_decode(
-    model: CaptionerModel, images: torch.Tensor, bos_id: int, eos_id: int, pad_id: int, max_len: int
-) -> torch.Tensor:
-    """Most likely next word at every step; returns (B, L) ids starting with `<bos>`.
+def generate(
+    model: CaptionerModel,
+    images: torch.Tensor,
+    bos_id: int,
+    eos_id: int,
+    pad_id: int,
+    options: DecodingOptions | None = None,
+    *,
+    need_weights: bool = False,
+    generator: torch.Generator | None = None,
+) -> Generated:
+    """Captions for a batch of normalised images (B, C, H, W), one per image.
 
-    The image is encoded once; finished rows are padded so a batch stops together.
+    With `need_weights` the result carries each token's cross- and self-attention, through the
+    explicit attention path. `generator` makes sampling reproducible.
     """
+    options = options or DecodingOptions()
+    steps = options.resolve_max_length(model.config, model.config.vocab_size)
+    ids = (bos_id, eos_id, pad_id)
     was_training = model.training
     model.eval()
     try:
-        memory, _ = model.encoder(images)  # (B, N, D)
-        tokens = torch.full((images.shape[0], 1), bos_id, dtype=torch.long, device=images.device)
-        done = torch.zeros(images.shape[0], dtype=torch.bool, device=images.device)
-        for _ in range(min(max_len, model.config.max_len) - 1):
-            logits = model.decoder(tokens, memory).logits[:, -1]  # (B, vocab)
-            step = logits.argmax(dim=-1).masked_fill(done, pad_id)
-            tokens = torch.cat([tokens, step[:, None]], dim=1)
-            done |= step == eos_id
-            if done.all():
-                break
-        return tokens
+        memory, _ = model.encoder(images)  # (B, S, D): once per image
+        batch, device = images.shape[0], images.device
+        k = options.beam_size
+        search = _Search(
+            stepper=_Stepper(model, memory, k, steps, options.use_cache, need_weights),
+            recorder=_Recorder(steps, batch * k, model, device) if need_weights else None,
+            batch=batch, steps=steps, ids=ids, options=options, device=device,
+        )  # fmt: skip
+        return search.beam_search() if k > 1 else search.greedy_or_sample(generator)
     finally:
         model.train(was_training)

@@ -14,7 +14,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
 from captioner.errors import ConfigError
-from captioner.generation import greedy_decode
+from captioner.generation import DecodingOptions, generate
 from captioner.metrics import caption_scores
 from captioner.models import CaptionerConfig, CaptionerModel
 
@@ -49,30 +49,50 @@ def warmup_cosine_schedule(
 
 
 class CaptionerLitModule(LightningModule):
-    """Teacher-forced training; validation and test decode greedily and score the captions.
+    """Teacher-forced training; validation and test decode and score the captions.
 
     Architecture keys (`model.patch_size`, `model.encoder_dim`, ...) arrive as keyword arguments
-    and become a `CaptionerConfig`; the config and tokenizer are saved in every checkpoint.
+    and become a `CaptionerConfig`. Every checkpoint also keeps the tokenizer, the image
+    preprocessing (`ImagePreprocess.to_dict()`) and the data config (`data_config`), so one
+    file rebuilds the captioner and finds its test set. `decoding` holds `DecodingOptions`
+    fields for validation and test (greedy by default); `spice` adds SPICE to test metrics.
     """
 
     def __init__(
         self,
         tokenizer: TokenizerLike,
-        optimizer: Callable[..., Optimizer],
+        preprocess: dict[str, Any],
+        optimizer: Callable[..., Optimizer] | None = None,
         scheduler: Callable[..., LambdaLR] | None = None,
         label_smoothing: float = 0.0,
+        decoding: dict[str, Any] | None = None,
+        spice: bool = False,
         **architecture: Any,
     ) -> None:
         super().__init__()
         if not 0.0 <= label_smoothing < 1.0:
             raise ConfigError(f"model.label_smoothing must be in [0, 1), got {label_smoothing}.")
-        self.save_hyperparameters(ignore=["tokenizer", "optimizer", "scheduler"], logger=False)
+        self.save_hyperparameters(
+            ignore=["tokenizer", "preprocess", "optimizer", "scheduler"],
+            logger=False,
+        )
         self.config = CaptionerConfig.from_dict({**architecture, "vocab_size": len(tokenizer)})
         self.net = CaptionerModel(self.config)
-        self.tokenizer = tokenizer
+        self.tokenizer, self.preprocess = tokenizer, preprocess
+        # The data config it is trained on, kept in checkpoints so evaluation finds the test
+        # split; set by `tasks.train` (a dict with `_target_` cannot pass through instantiate).
+        self.data_config: dict[str, Any] | None = None
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.label_smoothing = label_smoothing
+        try:
+            self.decoding = DecodingOptions(**(decoding or {}))
+        except TypeError as err:
+            raise ConfigError(f"unknown decoding key: {err}") from None
+        self.decoding.resolve_max_length(self.config, len(tokenizer))  # fail before training
+        self.spice = spice
         self._outputs: dict[str, list[tuple[Any, str, list[str], Any]]] = defaultdict(list)
+        # split -> {image id: caption}, kept after each validation or test epoch
+        self.predictions: dict[str, dict[Any, str]] = {}
 
     def loss(self, batch: dict[str, Any]) -> torch.Tensor:
         """Next-word cross-entropy: inputs are tokens[:-1], targets tokens[1:]; pads ignored."""
@@ -91,12 +111,10 @@ class CaptionerLitModule(LightningModule):
         return loss
 
     def generate(self, images: torch.Tensor) -> list[str]:
-        """Greedy captions for a batch of normalised images."""
+        """Captions for a batch of normalised images, decoded with `self.decoding`."""
         tok = self.tokenizer
-        ids = greedy_decode(
-            self.net, images, tok.bos_id, tok.eos_id, tok.pad_id, self.config.max_len
-        )
-        return [tok.decode(row[1:].tolist()) for row in ids]
+        out = generate(self.net, images, tok.bos_id, tok.eos_id, tok.pad_id, self.decoding)
+        return [tok.decode(row.tolist()) for row in out.tokens]
 
     def _eval_step(self, batch: dict[str, Any]) -> None:
         split = batch["split"]
@@ -124,7 +142,10 @@ class CaptionerLitModule(LightningModule):
         for split, rows in self._outputs.items():
             predictions = {image_id: caption for image_id, caption, _, _ in rows}
             references = {image_id: refs for image_id, _, refs, _ in rows}
-            metrics = caption_scores(predictions, references)
+            is_test = split.startswith("test")  # METEOR's Java start-up is kept out of val
+            metrics = caption_scores(
+                predictions, references, meteor=is_test, spice=is_test and self.spice
+            )
             if rows[0][3] is not None:  # ground truth known: is every caption fully correct?
                 correct = [scene.caption_is_correct(caption) for _, caption, _, scene in rows]
                 metrics["scene_acc"] = sum(correct) / len(correct)
@@ -135,6 +156,7 @@ class CaptionerLitModule(LightningModule):
                     add_dataloader_idx=False,
                     prog_bar=name in ("CIDEr", "scene_acc"),
                 )
+            self.predictions[split] = predictions
         self._outputs.clear()
 
     def on_validation_epoch_end(self) -> None:
@@ -150,6 +172,8 @@ class CaptionerLitModule(LightningModule):
             (decay if param.ndim >= 2 and not name.endswith("pos_embed") else no_decay).append(
                 param
             )
+        if self.optimizer_factory is None:
+            raise ConfigError("model.optimizer is not set: training needs an optimizer config.")
         optimizer = self.optimizer_factory(
             params=[{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
         )
@@ -167,4 +191,6 @@ class CaptionerLitModule(LightningModule):
         checkpoint["captioner"] = {
             "config": self.config.to_dict(),
             "tokenizer": self.tokenizer.to_dict(),
+            "preprocess": self.preprocess,
+            "data": self.data_config,
         }

@@ -1,4 +1,4 @@
-"""`train(cfg)`: the glue from a composed Hydra config to a trained, tested model."""
+"""`train(cfg)` and `evaluate(cfg)`: the glue from a composed Hydra config to results."""
 
 from __future__ import annotations
 
@@ -13,8 +13,12 @@ import lightning as L
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
+from captioner.checkpoint import CheckpointContents, load_checkpoint
+from captioner.data import ImagePreprocess, Tokenizer
 from captioner.errors import ConfigError
+from captioner.lit_module import CaptionerLitModule
 
 log = logging.getLogger(__name__)
 
@@ -24,9 +28,10 @@ warnings.filterwarnings("ignore", ".*treespec, LeafSpec.*")  # Lightning interna
 
 
 def _instantiate(node: DictConfig, **kwargs: Any) -> Any:
-    """Like `hydra.utils.instantiate`, but a `ConfigError` reaches the user unwrapped."""
+    """Like `hydra.utils.instantiate`, but a `ConfigError` reaches the user unwrapped, and
+    objects receive plain lists and dicts (checkpoints must not pickle OmegaConf objects)."""
     try:
-        return instantiate(node, **kwargs)
+        return instantiate(node, _convert_="all", **kwargs)
     except InstantiationException as err:
         if isinstance(err.__cause__, ConfigError):
             raise err.__cause__ from None
@@ -49,7 +54,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     datamodule = _instantiate(cfg.data)
-    model = _instantiate(cfg.model, tokenizer=datamodule.tokenizer)
+    model = _instantiate(
+        cfg.model, tokenizer=datamodule.tokenizer, preprocess=datamodule.preprocess.to_dict()
+    )
+    model.data_config = OmegaConf.to_container(cfg.data, resolve=True)
     trainer: L.Trainer = _instantiate(
         cfg.trainer,
         callbacks=_instantiate_group(cfg.get("callbacks")),
@@ -80,12 +88,80 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test")}
     metrics["train/seconds"] = round(fit_seconds, 1)
 
-    output_dir = Path(cfg.paths.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    metrics_path = output_dir / "metrics.json"
-    metrics_path.write_text(json.dumps(dict(sorted(metrics.items())), indent=2) + "\n")
+    metrics_path = _write_json(cfg, "metrics.json", dict(sorted(metrics.items())))
     objects = {
         "cfg": cfg, "datamodule": datamodule, "model": model, "trainer": trainer,
         "metrics_path": metrics_path,
+    }  # fmt: skip
+    return metrics, objects
+
+
+def _write_json(cfg: DictConfig, name: str, value: Any) -> Path:
+    """Write `value` under this run's output folder; returns the path."""
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = output_dir / name
+    path.write_text(json.dumps(value, indent=2) + "\n")
+    return path
+
+
+def _eval_data_config(cfg: DictConfig, contents: CheckpointContents) -> DictConfig:
+    """`data=...` when given, else the data the checkpoint was trained on; image size and
+    caption length always follow the model."""
+    node = cfg.get("data")
+    if node is None:
+        if contents.data is None:
+            raise ConfigError(
+                f"{contents.source} does not record its data config: name one, e.g. data=shapes."
+            )
+        node = OmegaConf.create(contents.data)
+    node = OmegaConf.create(OmegaConf.to_container(node))  # detached from the eval config
+    node.image_size = list(contents.config.image_size)
+    node.max_len = contents.config.max_len
+    return node
+
+
+def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
+    """Caption every test split of a checkpoint's data and score it as papers do.
+
+    Writes `predictions.json` (COCO results format, `predictions_<split>.json` for further
+    test splits) and `metrics.json` under `${paths.output_dir}`; returns (metrics, objects).
+    """
+    try:
+        ckpt_path = cfg.ckpt_path
+    except MissingMandatoryValue:
+        raise ConfigError(
+            "ckpt_path is required: python scripts/eval.py ckpt_path=PATH (a .ckpt from "
+            "scripts/train.py or a folder from scripts/export.py)."
+        ) from None
+    contents = load_checkpoint(ckpt_path)
+    datamodule = _instantiate(_eval_data_config(cfg, contents))
+    tokenizer = Tokenizer.from_dict(contents.tokenizer)
+    datamodule.tokenizer = tokenizer  # the vocabulary the model was trained with
+    datamodule.preprocess = ImagePreprocess.from_dict(contents.preprocess)
+    architecture = {k: v for k, v in contents.config.to_dict().items() if k != "vocab_size"}
+    model = CaptionerLitModule(
+        tokenizer,
+        contents.preprocess,
+        decoding=OmegaConf.to_container(cfg.decoding, resolve=True),
+        spice=cfg.spice,
+        **architecture,
+    )
+    model.net = contents.build_model()
+    model.data_config = contents.data
+    trainer: L.Trainer = _instantiate(
+        cfg.trainer, callbacks=_instantiate_group(cfg.get("callbacks")), logger=False
+    )
+    trainer.test(model, datamodule=datamodule, verbose=False)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test")}
+    prediction_paths = {}
+    for split, captions in model.predictions.items():
+        name = "predictions.json" if split == "test" else f"predictions_{split}.json"
+        results = [{"image_id": k, "caption": captions[k]} for k in sorted(captions)]
+        prediction_paths[split] = _write_json(cfg, name, results)
+    metrics_path = _write_json(cfg, "metrics.json", dict(sorted(metrics.items())))
+    objects = {
+        "cfg": cfg, "datamodule": datamodule, "model": model, "trainer": trainer,
+        "metrics_path": metrics_path, "prediction_paths": prediction_paths,
     }  # fmt: skip
     return metrics, objects

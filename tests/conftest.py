@@ -22,11 +22,12 @@ def _seed_and_threads() -> None:
     torch.manual_seed(0)
 
 
-def compose_train(*overrides: str, output_dir: Path) -> DictConfig:
-    """The config `scripts/train.py` would run, writing everything under `output_dir`."""
+def compose_train(*overrides: str, output_dir: Path, config_name: str = "train") -> DictConfig:
+    """The config `scripts/train.py` (or another script's) would run, writing everything
+    under `output_dir`."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=list(overrides))
+        cfg = compose(config_name=config_name, overrides=list(overrides))
     with open_dict(cfg):
         cfg.paths.output_dir = str(output_dir)
         cfg.paths.log_dir = str(output_dir)
@@ -52,3 +53,20 @@ def tiny_model() -> CaptionerModel:
     """A non-square (16 x 24 px -> 4 x 6 patches) model with different encoder/decoder widths."""
     torch.manual_seed(0)
     return CaptionerModel(tiny_config()).eval()
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run folder with a briefly trained, non-square (32 x 48 px -> 4 x 6 patches) shapes
+    checkpoint: the real files that inference, export and evaluation read."""
+    from captioner.tasks import train
+
+    run_dir = tmp_path_factory.mktemp("trained_run")
+    cfg = compose_train(
+        "experiment=shapes_tiny", "data.image_size=[32,48]", "data.num_test=12",
+        "trainer.max_epochs=1", "trainer.limit_train_batches=40", "trainer.limit_val_batches=1",
+        "test=false", "~logger", "callbacks.lr_monitor=null", "callbacks.rich_progress_bar=null",
+        output_dir=run_dir,
+    )  # fmt: skip
+    train(cfg)
+    return run_dir

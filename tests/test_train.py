@@ -37,7 +37,8 @@ def shapes_batch() -> tuple[ShapesDataModule, dict]:
 
 def lit_module(dm: ShapesDataModule, **kwargs: object) -> CaptionerLitModule:
     optimizer = functools.partial(torch.optim.AdamW, lr=3e-3, weight_decay=0.0)
-    return CaptionerLitModule(dm.tokenizer, optimizer, **{**TINY_ARCH, **kwargs})
+    preprocess = dm.preprocess.to_dict()
+    return CaptionerLitModule(dm.tokenizer, preprocess, optimizer, **{**TINY_ARCH, **kwargs})
 
 
 def test_loss_shifts_labels_and_ignores_padding(shapes_batch: tuple) -> None:

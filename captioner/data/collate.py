@@ -7,17 +7,7 @@ from typing import Any
 import torch
 
 from captioner.data.tokenizer import Tokenizer
-
-# Images are stored as uint8 and mapped to [-1, 1]; checkpoints record these numbers.
-IMAGE_MEAN = (0.5, 0.5, 0.5)
-IMAGE_STD = (0.5, 0.5, 0.5)
-
-
-def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, C, H, W) -> float, normalised with IMAGE_MEAN / IMAGE_STD."""
-    mean = torch.tensor(IMAGE_MEAN).view(1, -1, 1, 1)
-    std = torch.tensor(IMAGE_STD).view(1, -1, 1, 1)
-    return (images.float() / 255.0 - mean) / std
+from captioner.data.transforms import ImagePreprocess
 
 
 class CaptionCollator:
@@ -27,8 +17,16 @@ class CaptionCollator:
     when the dataset has it, each image's ground-truth scene.
     """
 
-    def __init__(self, tokenizer: Tokenizer, max_len: int, split: str, train: bool) -> None:
-        self.tokenizer, self.max_len, self.split, self.train = tokenizer, max_len, split, train
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        preprocess: ImagePreprocess,
+        max_len: int,
+        split: str,
+        train: bool,
+    ) -> None:
+        self.tokenizer, self.preprocess, self.max_len = tokenizer, preprocess, max_len
+        self.split, self.train = split, train
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         references = [s["captions"] for s in samples]
@@ -42,7 +40,7 @@ class CaptionCollator:
         for row, seq in enumerate(ids):
             tokens[row, : len(seq)] = torch.tensor(seq)
         batch = {
-            "images": normalize(torch.stack([s["image"] for s in samples])),
+            "images": self.preprocess.normalize(torch.stack([s["image"] for s in samples])),
             "tokens": tokens,  # (B, T): <bos> words <eos> <pad>...
             "image_ids": [s["image_id"] for s in samples],
             "references": references,

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 from captioner.data.collate import CaptionCollator
 from captioner.data.shapes import ShapesDataset, ShapesWorld
 from captioner.data.tokenizer import Tokenizer
+from captioner.data.transforms import ImagePreprocess
 from captioner.errors import ConfigError
 
 
@@ -19,8 +20,10 @@ class CaptionDataModule(LightningDataModule):
     """Loaders for train / val / one or more test splits, and the training vocabulary.
 
     Subclasses provide `datasets()` (split name -> Dataset; names starting with "test" are test
-    sets) and `training_captions()`.
+    sets), `training_captions()` and `preprocess`, the image preprocessing that checkpoints keep.
     """
+
+    preprocess: ImagePreprocess
 
     def __init__(
         self, batch_size: int, num_workers: int, max_len: int, min_freq: int, pin_memory: bool
@@ -50,6 +53,11 @@ class CaptionDataModule(LightningDataModule):
             self._tokenizer = Tokenizer.build(self.training_captions(), self.min_freq)
         return self._tokenizer
 
+    @tokenizer.setter
+    def tokenizer(self, tokenizer: Tokenizer) -> None:
+        """Use a checkpoint's vocabulary instead of building one (evaluation, resuming)."""
+        self._tokenizer = tokenizer
+
     def setup(self, stage: str | None = None) -> None:
         if self._datasets is None:
             self._datasets = self.datasets()
@@ -71,7 +79,7 @@ class CaptionDataModule(LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=self.pin_memory,
-            collate_fn=CaptionCollator(self.tokenizer, self.max_len, split, train),
+            collate_fn=CaptionCollator(self.tokenizer, self.preprocess, self.max_len, split, train),
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -119,6 +127,7 @@ class ShapesDataModule(CaptionDataModule):
         self.world = ShapesWorld(
             image_size, grid, min_objects, max_objects, captions_per_image, holdout_combos, seed
         )
+        self.preprocess = ImagePreprocess(self.world.image_size)
         self.sizes = {"train": num_train, "val": num_val, "test": num_test}
         if self.world.holdout:
             self.sizes["test_comp"] = num_test

@@ -1,0 +1,217 @@
+"""The public API: `Captioner.from_checkpoint(path).caption(images)`.
+
+```python
+from captioner.inference import Captioner
+
+captioner = Captioner.from_checkpoint("logs/train/runs/<run>/checkpoints/last.ckpt")
+for result in captioner.caption(["cat.jpg", "dog.png"], beam_size=3, return_attention=True):
+    print(result.text, result.cross_attention.shape)  # (layers, heads, tokens, grid_h, grid_w)
+```
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from captioner.checkpoint import load_checkpoint
+from captioner.data.tokenizer import Tokenizer
+from captioner.data.transforms import ImagePreprocess, load_image
+from captioner.errors import ConfigError, ImageLoadError
+from captioner.generation import DecodingOptions, generate
+from captioner.models import CaptionerModel
+
+ImageInput = Image.Image | torch.Tensor | str | Path
+
+
+@dataclass
+class Caption:
+    """One image's caption, its tokens, their log-probabilities and, if asked, attention.
+
+    Token i's attention is what the decoder looked at while choosing it. Patch grids read as
+    the image does: row 0 is the top, column 0 the left.
+    """
+
+    text: str
+    tokens: list[int]  # generated ids, <eos> included when it was generated
+    words: list[str]  # the tokens as words ("<eos>" for the end)
+    token_logprobs: torch.Tensor  # (T,) log p(token | image, tokens before it)
+    cross_attention: torch.Tensor | None = None  # (layers, heads, T, grid_h, grid_w)
+    self_attention: torch.Tensor | None = None  # (layers, heads, T, T): keys <bos>, tokens[:-1]
+    encoder_attention: torch.Tensor | None = None  # (layers, heads, patches, patches)
+
+    @property
+    def logprob(self) -> float:
+        """Log-probability of the whole caption under the model."""
+        return float(self.token_logprobs.sum())
+
+
+class Captioner:
+    """A trained model with its tokenizer and image preprocessing, ready to caption images."""
+
+    def __init__(
+        self,
+        model: CaptionerModel,
+        tokenizer: Tokenizer,
+        preprocess: ImagePreprocess,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.tokenizer = tokenizer
+        self.preprocess = preprocess
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu") -> Captioner:
+        """Load a `.ckpt` from `scripts/train.py` or a folder from `scripts/export.py`.
+
+        Nothing stored in the file is executed: see `captioner.checkpoint`.
+        """
+        contents = load_checkpoint(path)
+        return cls(
+            contents.build_model(),
+            Tokenizer.from_dict(contents.tokenizer),
+            ImagePreprocess.from_dict(contents.preprocess),
+            device,
+        )
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """Patch grid (rows, columns) of the cross-attention maps."""
+        return self.model.encoder.grid_size
+
+    def images_to_batch(self, images: Sequence[ImageInput]) -> torch.Tensor:
+        """Load and preprocess images into one normalised batch (B, C, H, W) on the device."""
+        pixels = [
+            self.preprocess(load_image(image) if isinstance(image, str | Path) else image)
+            for image in images
+        ]
+        return torch.stack(pixels).to(self.device)
+
+    def caption(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        *,
+        return_attention: bool = False,
+        return_encoder_attention: bool = False,
+        batch_size: int = 32,
+        seed: int | None = None,
+        **decoding: Any,
+    ) -> list[Caption]:
+        """Caption PIL images, (C, H, W) or (B, C, H, W) tensors (uint8, or floats in [0, 1])
+        or file paths, `batch_size` at a time; one `Caption` per image, in order.
+
+        `decoding` takes the fields of `DecodingOptions`: `beam_size=3`, `max_length=20`,
+        `length_penalty`, `do_sample=True` with `temperature`, `top_k`, `top_p`, ... `seed`
+        makes sampling reproducible.
+        """
+        try:
+            options = DecodingOptions(**decoding)
+        except TypeError as err:
+            raise ConfigError(f"unknown decoding option: {err}") from None
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}.")
+        items = _as_list(images)
+        generator = None if seed is None else torch.Generator(self.device).manual_seed(seed)
+        results: list[Caption] = []
+        for start in range(0, len(items), batch_size):
+            batch = self.images_to_batch(items[start : start + batch_size])
+            results += self._caption_batch(
+                batch, options, return_attention, return_encoder_attention, generator
+            )
+        return results
+
+    def _caption_batch(
+        self,
+        batch: torch.Tensor,
+        options: DecodingOptions,
+        return_attention: bool,
+        return_encoder_attention: bool,
+        generator: torch.Generator | None,
+    ) -> list[Caption]:
+        tok = self.tokenizer
+        out = generate(
+            self.model, batch, tok.bos_id, tok.eos_id, tok.pad_id, options,
+            need_weights=return_attention, generator=generator,
+        )  # fmt: skip
+        encoder_attention = None
+        if return_encoder_attention:
+            with torch.no_grad():
+                _, weights = self.model.encoder(batch, need_weights=True)
+            assert weights is not None
+            encoder_attention = torch.stack(weights, dim=1).float().cpu()  # (B, L, H, N, N)
+        prefix = self.model.encoder.num_prefix_tokens
+        results = []
+        for i in range(batch.shape[0]):
+            length = int(out.lengths[i])
+            ids = out.tokens[i, :length].tolist()
+            caption = Caption(
+                text=tok.decode(ids),
+                tokens=ids,
+                words=[tok.itos[j] for j in ids],
+                token_logprobs=out.token_logprobs[i, :length].cpu(),
+            )
+            if out.cross_attention is not None and out.self_attention is not None:
+                cross = out.cross_attention[i, :, :, :length, prefix:]  # (L, H, T, patches)
+                caption.cross_attention = cross.unflatten(-1, self.grid_size).cpu()
+                caption.self_attention = out.self_attention[i, :, :, :length, :length].cpu()
+            if encoder_attention is not None:
+                caption.encoder_attention = encoder_attention[i]
+            results.append(caption)
+        return results
+
+    def caption_files(
+        self, paths: Iterable[Path], batch_size: int = 16, **options: Any
+    ) -> Iterator[tuple[Path, Caption | ImageLoadError, Image.Image | None]]:
+        """Caption files as they come, `batch_size` at a time, without stopping at bad ones.
+
+        Yields (path, caption, image) for each readable image and (path, error, None) for each
+        file that is not one, in the order given.
+        """
+        pending: list[tuple[Path, Image.Image]] = []
+
+        def flush() -> Iterator[tuple[Path, Caption, Image.Image]]:
+            captions = self.caption([image for _, image in pending], **options)
+            yield from ((p, c, image) for (p, image), c in zip(pending, captions, strict=True))
+            pending.clear()
+
+        for path in paths:
+            try:
+                pending.append((path, load_image(path)))
+            except ImageLoadError as err:
+                yield path, err, None
+            if len(pending) == batch_size:
+                yield from flush()
+        if pending:
+            yield from flush()
+
+
+def _as_list(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
+    """One image or many -> a list of single images."""
+    if isinstance(images, torch.Tensor):
+        return list(images) if images.ndim == 4 else [images]
+    if isinstance(images, Image.Image | str | Path):
+        return [images]
+    return list(images)
+
+
+def find_images(inputs: Iterable[str | Path]) -> list[Path]:
+    """Files named, and every non-hidden file under folders named, in sorted order; whether a
+    file is an image is decided by reading it, not by its extension."""
+    found: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found += sorted(p for p in item.rglob("*") if p.is_file() and not _hidden(p, item))
+        else:
+            found.append(item)  # a missing file is reported when it is read
+    return found
+
+
+def _hidden(path: Path, root: Path) -> bool:
+    """A dot-file, or a file inside a dot-folder, below `root`."""
+    return any(part.startswith(".") for part in path.relative_to(root).parts)

@@ -139,7 +139,7 @@ def test_embeddings_are_tied_and_init_ran() -> None:
     model = CaptionerModel(tiny_config(encoder_dim=64, decoder_dim=64, vocab_size=500))
     assert model.decoder.head.weight is model.decoder.token_embed.weight
     assert abs(model.decoder.token_embed.weight.std().item() - 0.02) < 0.003
-    q = model.encoder.blocks[0].attn.q_proj
+    q = model.encoder.blocks[0].attn.qkv_proj
     assert abs(q.weight.std().item() - 0.02) < 0.004 and torch.all(q.bias == 0)
     out_std = model.encoder.blocks[0].attn.out_proj.weight.std().item()
     assert out_std < 0.015  # residual projections are scaled down by depth

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from captioner.models.cache import LayerCache
+
 
 def attention_mask(
     num_queries: int,
@@ -39,8 +41,9 @@ class Attention(nn.Module):
 
     The fused path calls `F.scaled_dot_product_attention`; `need_weights=True` computes
     softmax(QK^T / sqrt(d)) V explicitly and also returns the weights, for analysis.
-    Keys and values can be handed in already projected (`kv`), which is how decoding reuses
-    the image's keys and values at every step and its own earlier positions from a cache.
+    Self-attention projects queries, keys and values in one matmul and can append its keys
+    and values to a decoding cache; cross-attention (`kv_dim` given) can take the context's
+    keys and values already projected (`kv`), as decoding does at every step.
     """
 
     def __init__(
@@ -49,16 +52,24 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.q_proj = nn.Linear(dim, dim)
-        self.kv_proj = nn.Linear(kv_dim or dim, 2 * dim)
+        self.is_cross = kv_dim is not None
+        if self.is_cross:
+            self.q_proj = nn.Linear(dim, dim)
+            self.kv_proj = nn.Linear(kv_dim, 2 * dim)
+        else:
+            self.qkv_proj = nn.Linear(dim, 3 * dim)
         self.out_proj = nn.Linear(dim, dim)
         self.dropout = dropout
 
-    def project_kv(self, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of `source` (B, S, Dkv), each (B, heads, S, d)."""
-        batch, num_keys, _ = source.shape
-        kv = self.kv_proj(source).view(batch, num_keys, 2, self.num_heads, self.head_dim)
-        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, S, d)
+    def _heads(self, x: torch.Tensor, parts: int) -> tuple[torch.Tensor, ...]:
+        """(B, T, parts * D) -> `parts` tensors shaped (B, heads, T, d)."""
+        batch, length, _ = x.shape
+        x = x.view(batch, length, parts, self.num_heads, self.head_dim)
+        return x.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, T, d)
+
+    def project_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-attention keys and values of `context` (B, S, Dkv), each (B, heads, S, d)."""
+        k, v = self._heads(self.kv_proj(context), 2)
         return k, v
 
     def forward(
@@ -70,19 +81,29 @@ class Attention(nn.Module):
         key_padding_mask: torch.Tensor | None = None,
         need_weights: bool = False,
         kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache: LayerCache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Attend from `x` (B, T, D) to `context` (B, S, Dkv), or to `x` when it is None.
 
-        `key_padding_mask` (B, S) is True at keys to ignore. `kv`, if given, replaces the
-        projection of `context`: keys and values (Bkv, heads, S, d) where B is a multiple of
-        Bkv, so the B / Bkv beams of one image read that image's keys without copies (not with
-        `causal`). Causal queries are the last T of the S key positions. Returns the output
-        (B, T, D) and, with `need_weights`, the attention weights (B, heads, T, S).
+        `key_padding_mask` (B, S) is True at keys to ignore. Cross-attention: `kv`, if given,
+        replaces the projection of `context` with keys and values (Bkv, heads, S, d), where B
+        is a multiple of Bkv, so the B / Bkv beams of one image read its keys without copies.
+        Self-attention: with a `cache`, `x` holds only the newest positions, whose keys and
+        values join the cached ones. Causal queries are the last T of the S key positions.
+        Returns the output (B, T, D) and, with `need_weights`, the weights (B, heads, T, S).
         """
         batch, num_queries, dim = x.shape
-        q = self.q_proj(x).view(batch, num_queries, self.num_heads, self.head_dim)
-        q = q.transpose(1, 2)  # (B, heads, T, d)
-        k, v = kv if kv is not None else self.project_kv(x if context is None else context)
+        if self.is_cross:
+            (q,) = self._heads(self.q_proj(x), 1)
+            if kv is None and context is None:
+                raise ValueError("cross-attention needs a context or its projected kv")
+            k, v = kv if kv is not None else self.project_kv(context)
+        else:
+            if context is not None:
+                raise ValueError("self-attention takes no context: give kv_dim for cross")
+            q, k, v = self._heads(self.qkv_proj(x), 3)
+            if cache is not None:
+                k, v = cache.append(k, v)  # (B, heads, S, d): every position so far
         num_keys = k.shape[2]
         groups = batch // k.shape[0]
         if groups > 1:  # several query rows per key row: fold them into the query axis

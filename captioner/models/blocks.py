@@ -65,11 +65,9 @@ class DecoderBlock(nn.Module):
         With a `cache`, `x` holds only the new positions: their keys and values are appended
         to the cache, and the image's keys and values come from it instead of `memory`.
         """
-        h = self.norm1(x)
-        self_kv = None if cache is None else cache.append(*self.self_attn.project_kv(h))
         attn_out, self_weights = self.self_attn(
-            h, causal=True, key_padding_mask=token_padding_mask, need_weights=need_weights,
-            kv=self_kv,
+            self.norm1(x), causal=True, key_padding_mask=token_padding_mask,
+            need_weights=need_weights, cache=cache,
         )  # fmt: skip
         x = x + attn_out
         attn_out, cross_weights = self.cross_attn(

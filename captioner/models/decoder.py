@@ -59,12 +59,14 @@ class TextDecoder(nn.Module):
         memory_padding_mask: torch.Tensor | None = None,
         need_weights: bool = False,
         cache: DecoderCache | None = None,
+        last_only: bool = False,
     ) -> DecoderOutput:
         """Tokens (B, T) and image tokens (B, S, Dimg) -> next-token logits (B, T, vocab).
 
         With a `cache` (from `init_cache`), `tokens` are only the new positions, which follow
         the `cache.length` positions already decoded, and `memory` is not needed. The cache
-        rows may be beams: B is then a multiple of the number of images.
+        rows may be beams: B is then a multiple of the number of images. `last_only` computes
+        the logits of the last position alone (B, 1, vocab), all that decoding needs.
         """
         start = 0 if cache is None else cache.length
         end = start + tokens.shape[1]
@@ -81,6 +83,8 @@ class TextDecoder(nn.Module):
             )  # fmt: skip
             self_weights.append(sw)
             cross_weights.append(cw)
+        if last_only:
+            x = x[:, -1:]
         logits = self.head(self.norm(x))
         if not need_weights:
             return DecoderOutput(logits)

@@ -26,8 +26,9 @@ class DecodingOptions:
     max_length: int | None = None  # most generated tokens, <eos> included; None: model.max_len-1
     min_length: int = 0  # <eos> is not allowed before this many tokens
     length_penalty: float = 1.0  # beams rank by sum(log p) / length ** length_penalty
-    early_stopping: bool = True  # beams: an image is done once beam_size hypotheses ended;
-    # False: only once no live beam can still beat them
+    early_stopping: bool | str = False  # beams: when an image is done, once beam_size
+    # hypotheses have ended and ... True: at once; False: no live beam scores better at its
+    # current length; "never": no live beam could score better at any length (exact)
     do_sample: bool = False  # draw each word from the model's distribution
     temperature: float = 1.0  # sampling: divides the logits; < 1 is more conservative
     top_k: int = 0  # sampling: only among the k most likely words (0: all)
@@ -48,6 +49,11 @@ class DecodingOptions:
             ),
             (0 <= self.min_length <= max_length, "min_length", f"between 0 and {max_length}"),
             (self.temperature > 0, "temperature", "> 0 (use do_sample=false for greedy)"),
+            (
+                self.early_stopping in (True, False, "never"),
+                "early_stopping",
+                "true, false or never",
+            ),
             (self.top_k >= 0, "top_k", ">= 0"),
             (0 < self.top_p <= 1, "top_p", "in (0, 1]"),
             (
@@ -111,7 +117,9 @@ class _Stepper:
         the newest query's cross-attention (N, layers, heads, S) and self-attention
         (N, layers, heads, t)."""
         tokens = prefix if self.cache is None else prefix[:, -1:]
-        out = self.decoder(tokens, self.memory, need_weights=self.need_weights, cache=self.cache)
+        out = self.decoder(
+            tokens, self.memory, need_weights=self.need_weights, cache=self.cache, last_only=True
+        )
         logprobs = out.logits[:, -1].float().log_softmax(dim=-1)
         if not self.need_weights:
             return logprobs, None, None
@@ -156,16 +164,6 @@ class _Recorder:
         return cross, self_w
 
 
-def _allowed(logprobs: torch.Tensor, step: int, ids: tuple[int, int, int], min_length: int):
-    """Scores to choose from: never <pad> or <bos>, and no <eos> before `min_length` tokens."""
-    bos_id, eos_id, pad_id = ids
-    scores = logprobs.clone()
-    scores[:, [bos_id, pad_id]] = float("-inf")
-    if step < min_length:
-        scores[:, eos_id] = float("-inf")
-    return scores
-
-
 def _pick(
     scores: torch.Tensor, options: DecodingOptions, generator: torch.Generator | None
 ) -> torch.Tensor:
@@ -196,6 +194,20 @@ class _Search:
     ids: tuple[int, int, int]  # <bos>, <eos>, <pad>
     options: DecodingOptions
     device: torch.device
+    vocab_size: int
+
+    def __post_init__(self) -> None:
+        bos_id, eos_id, pad_id = self.ids
+        # Added to the log-probabilities before choosing: never <pad> or <bos>, and no <eos>
+        # before `min_length` tokens. One tensor each, made once.
+        self.bias = torch.zeros(self.vocab_size, device=self.device)
+        self.bias[[bos_id, pad_id]] = float("-inf")
+        self.bias_before_min = self.bias.clone()
+        self.bias_before_min[eos_id] = float("-inf")
+
+    def allowed(self, logprobs: torch.Tensor, step: int) -> torch.Tensor:
+        """The scores to choose from at `step`: -inf for the tokens not allowed there."""
+        return logprobs + (self.bias_before_min if step < self.options.min_length else self.bias)
 
     def greedy_or_sample(self, generator: torch.Generator | None) -> Generated:
         """One caption per image: the most likely word at every step, or a drawn one."""
@@ -206,26 +218,23 @@ class _Search:
         seq[:, 0] = bos_id
         token_logprobs = torch.zeros(batch, steps, device=device)
         done = torch.zeros(batch, dtype=torch.bool, device=device)
-        lengths = torch.full((batch,), steps, dtype=torch.long, device=device)
         ran = 0
         for t in range(steps):
             logprobs, cross, self_w = stepper(seq[:, : t + 1])
-            choice = _pick(_allowed(logprobs, t, ids, options.min_length), options, generator)
-            choice = choice.masked_fill(done, pad_id)
+            choice = _pick(self.allowed(logprobs, t), options, generator).masked_fill_(done, pad_id)
             seq[:, t + 1] = choice
-            token_logprobs[:, t] = (
-                logprobs.gather(1, choice[:, None]).squeeze(1).masked_fill(done, 0)
-            )
+            token_logprobs[:, t] = logprobs.gather(1, choice[:, None]).squeeze(1)
             if recorder is not None:
                 recorder.record(t, cross, self_w)
-            ended = ~done & (choice == eos_id)
-            lengths[ended] = t + 1
-            done |= ended
+            done |= choice == eos_id
             ran = t + 1
             if done.all():
                 break
-        lengths.clamp_(max=ran)
-        out = Generated(seq[:, 1 : ran + 1], lengths, token_logprobs[:, :ran])
+        tokens = seq[:, 1 : ran + 1]
+        ended = tokens == eos_id
+        lengths = torch.where(ended.any(dim=1), ended.int().argmax(dim=1) + 1, ran)
+        past_end = torch.arange(ran, device=device)[None, :] >= lengths[:, None]
+        out = Generated(tokens, lengths, token_logprobs[:, :ran].masked_fill(past_end, 0.0))
         if recorder is not None:
             rows = torch.arange(batch, device=device)[:, None].expand(batch, ran)
             out.cross_attention, out.self_attention = recorder.gather(rows, lengths)
@@ -270,7 +279,7 @@ class _Search:
             if recorder is not None:
                 recorder.record(t, cross, self_w)
             vocab = logprobs.shape[1]
-            scores = _allowed(logprobs, t, ids, options.min_length) + beam_scores.view(rows, 1)
+            scores = self.allowed(logprobs, t) + beam_scores.view(rows, 1)
             top_scores, top = scores.view(batch, k * vocab).topk(2 * k, dim=1)  # (B, 2k)
             parent = first_row + top // vocab  # (B, 2k) rows
             token = top % vocab
@@ -297,13 +306,7 @@ class _Search:
                 best = merged["score"].topk(k, dim=1).indices
                 pool = {key: value.gather(1, best) for key, value in merged.items()}
 
-            full = torch.isfinite(pool["score"]).all(dim=1)
-            if options.early_stopping:
-                done |= full
-            else:  # done when no live beam can still beat the worst ended hypothesis
-                best_length = steps if alpha > 0 else t + 2
-                bound = live_scores.max(dim=1).values / best_length**alpha
-                done |= full & (bound <= pool["score"].min(dim=1).values)
+            done |= self._beams_done(pool["score"], live_scores, t)
 
             rows_next = live_parent.reshape(rows)
             step_token[t], step_parent[t] = live_token.reshape(rows), rows_next
@@ -316,10 +319,35 @@ class _Search:
             if done.all():
                 break
 
-        # Read the best hypothesis of each image back through the recorded links.
+        links = (step_token[:ran], step_parent[:ran], step_logprob[:ran])
+        return self._read_back(pool, links, ran)
+
+    def _beams_done(self, ended: torch.Tensor, live: torch.Tensor, step: int) -> torch.Tensor:
+        """(B,) whether each image can stop: `ended` (B, k) are the pool's length-penalised
+        scores, `live` (B, k) the live beams' sums of log-probabilities after `step`."""
+        full = torch.isfinite(ended).all(dim=1)
+        rule, alpha = self.options.early_stopping, self.options.length_penalty
+        if rule is True:
+            return full
+        # The best a live beam can reach: log-probabilities only fall as it grows, so with
+        # length_penalty > 0 its score is highest at the longest length ("never"); the
+        # heuristic (False) judges it at its current length.
+        length = self.steps if rule == "never" and alpha > 0 else step + 1
+        return full & (live.max(dim=1).values / length**alpha <= ended.min(dim=1).values)
+
+    def _read_back(
+        self,
+        pool: dict[str, torch.Tensor],
+        links: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        ran: int,
+    ) -> Generated:
+        """The best ended hypothesis of each image, read back from its last token through the
+        recorded (token, parent row, log-probability) of every step."""
+        step_token, step_parent, step_logprob = links
+        batch, device, pad_id = self.batch, self.device, self.ids[2]
         best = pool["score"].argmax(dim=1, keepdim=True)
         end = pool["step"].gather(1, best).squeeze(1)  # (B,) last position
-        query = pool["row"].gather(1, best).squeeze(1)
+        query = pool["row"].gather(1, best).squeeze(1)  # the row whose query chose it
         tokens = torch.full((batch, ran), pad_id, dtype=torch.long, device=device)
         token_logprobs = torch.zeros(batch, ran, device=device)
         query_rows = torch.zeros(batch, ran, dtype=torch.long, device=device)
@@ -334,8 +362,8 @@ class _Search:
             query_rows[:, s] = query
         lengths = end + 1
         out = Generated(tokens, lengths, token_logprobs)
-        if recorder is not None:
-            out.cross_attention, out.self_attention = recorder.gather(query_rows, lengths)
+        if self.recorder is not None:
+            out.cross_attention, out.self_attention = self.recorder.gather(query_rows, lengths)
         return out
 
 
@@ -369,6 +397,7 @@ def generate(
             stepper=_Stepper(model, memory, k, steps, options.use_cache, need_weights),
             recorder=_Recorder(steps, batch * k, model, device) if need_weights else None,
             batch=batch, steps=steps, ids=ids, options=options, device=device,
+            vocab_size=model.config.vocab_size,
         )  # fmt: skip
         return search.beam_search() if k > 1 else search.greedy_or_sample(generator)
     finally:

@@ -14,7 +14,7 @@ BOS, EOS, PAD = 1, 2, 0
 STRATEGIES = {
     "greedy": {},
     "beam": {"beam_size": 3},
-    "beam_exact": {"beam_size": 3, "early_stopping": False, "length_penalty": 0.6},
+    "beam_exact": {"beam_size": 3, "early_stopping": "never", "length_penalty": 0.6},
     "sample": {"do_sample": True, "temperature": 0.8, "top_k": 10, "top_p": 0.95},
 }
 
@@ -108,7 +108,7 @@ def beam_search_with_one_beam(model: CaptionerModel, images: torch.Tensor) -> Ge
             stepper=_Stepper(model, model.encoder(images)[0], 1, steps, True, True),
             recorder=_Recorder(steps, rows, model, images.device),
             batch=rows, steps=steps, ids=(BOS, EOS, PAD), options=DecodingOptions(beam_size=1),
-            device=images.device,
+            device=images.device, vocab_size=model.config.vocab_size,
         )  # fmt: skip
         return search.beam_search()
 
@@ -181,15 +181,58 @@ def test_each_cached_step_feeds_one_position(model: CaptionerModel, images: torc
     assert shapes == [(3 * len(images), 1)] * out.tokens.shape[1]
 
 
-def test_exact_beam_stopping_never_scores_worse(
+def test_later_beam_stopping_never_scores_worse(
     model: CaptionerModel, images: torch.Tensor
 ) -> None:
     def score(out: Generated) -> torch.Tensor:
         return out.token_logprobs.sum(1) / out.lengths.float() ** 0.6
 
-    early = run(model, images, beam_size=3, length_penalty=0.6)
-    exact = run(model, images, beam_size=3, length_penalty=0.6, early_stopping=False)
-    assert torch.all(score(exact) >= score(early) - 1e-5)
+    rules = [True, False, "never"]  # each stops no earlier than the one before
+    scores = [
+        score(run(model, images, beam_size=3, length_penalty=0.6, early_stopping=r)) for r in rules
+    ]
+    assert torch.all(scores[1] >= scores[0] - 1e-5) and torch.all(scores[2] >= scores[1] - 1e-5)
+
+
+class ScriptedStepper:
+    """Log-probabilities from a table instead of a model: the likely caption is 3 4 5 <eos>;
+    every other word is very unlikely, but after an unlikely word <eos> is likely."""
+
+    GOOD = (3, 4, 5, EOS)
+
+    def __call__(self, prefix: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        rows = []
+        for row in prefix.tolist():
+            words = tuple(row[1:])
+            scores = torch.full((8,), -12.0)
+            if words == self.GOOD[: len(words)]:
+                scores[EOS] = -10.0
+                scores[self.GOOD[len(words)]] = -0.01
+            else:
+                scores[EOS] = -0.05
+            rows.append(scores)
+        return torch.stack(rows), None, None
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        pass
+
+
+@pytest.mark.parametrize("rule", [False, "never"])
+def test_unlikely_endings_do_not_stop_the_search_early(rule: bool | str) -> None:
+    """With early_stopping=True the pool fills with unlikely captions that end at once while
+    the likely one is still growing; the default rule waits for it."""
+    from captioner.generation import _Search
+
+    def search(early_stopping: bool | str) -> list[int]:
+        options = DecodingOptions(beam_size=3, early_stopping=early_stopping)
+        out = _Search(
+            stepper=ScriptedStepper(), recorder=None, batch=1, steps=8, ids=(BOS, EOS, PAD),
+            options=options, device=torch.device("cpu"), vocab_size=8,
+        ).beam_search()  # fmt: skip
+        return out.tokens[0, : int(out.lengths[0])].tolist()
+
+    assert search(rule) == list(ScriptedStepper.GOOD)
+    assert search(True) != list(ScriptedStepper.GOOD)  # the failure the rule avoids
 
 
 def test_length_limits(model: CaptionerModel, images: torch.Tensor) -> None:
@@ -232,6 +275,7 @@ def test_generation_restores_the_mode(model: CaptionerModel, images: torch.Tenso
         ({"do_sample": True, "temperature": 0.0}, "decoding.temperature"),
         ({"do_sample": True, "top_p": 0.0}, "decoding.top_p"),
         ({"do_sample": True, "beam_size": 2}, "decoding.do_sample"),
+        ({"beam_size": 2, "early_stopping": "sometimes"}, "decoding.early_stopping"),
     ],
 )
 def test_bad_options_name_the_key(
@@ -239,3 +283,20 @@ def test_bad_options_name_the_key(
 ) -> None:
     with pytest.raises(ConfigError, match=key):
         run(model, images[:1], **options)
+
+
+def test_benchmark_reports_every_figure() -> None:
+    """The speed benchmark runs end to end on a tiny model (its timings are not checked here)."""
+    from captioner.benchmark import cache_summary, decoding_benchmark
+
+    rows = decoding_benchmark(
+        tiny_config(vocab_size=50), batch_sizes=(1, 2), caption_tokens=3, lengths=(2, 4), repeats=1
+    )
+    assert {(r.measure, r.strategy, r.batch) for r in rows if r.measure == "captions/s"} == {
+        ("captions/s", s, b) for s in ("greedy", "beam-3") for b in (1, 2)
+    }
+    assert {(r.batch, r.tokens, r.cache) for r in rows if r.measure == "ms/token"} == {
+        (b, n, c) for b in (1, 2) for n in (2, 4) for c in (True, False)
+    }
+    assert all(r.value > 0 for r in rows if r.measure == "captions/s")
+    assert len(cache_summary(rows)) == 2 * 3

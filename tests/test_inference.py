@@ -57,7 +57,7 @@ def test_every_kind_of_input_gives_the_same_caption(
     for i, scene in enumerate(scenes):
         paths.append(tmp_path / f"{i}.png")
         scene.save(paths[-1])
-    pixels = torch.stack([torch.from_numpy(np.asarray(s)).permute(2, 0, 1) for s in scenes])
+    pixels = torch.stack([torch.from_numpy(np.array(s)).permute(2, 0, 1) for s in scenes])
     from_pil = [c.text for c in captioner.caption(scenes)]
     assert all(from_pil)
     assert [c.text for c in captioner.caption(paths)] == from_pil

@@ -44,7 +44,10 @@ class CheckpointContents:
 
     def build_model(self) -> CaptionerModel:
         """The model with these weights, in eval mode."""
-        model = CaptionerModel(self.config)
+        return self.load_into(CaptionerModel(self.config)).eval()
+
+    def load_into(self, model: CaptionerModel) -> CaptionerModel:
+        """Copy these weights into a model built from `self.config`; returns it."""
         missing, unexpected = model.load_state_dict(self.state_dict, strict=False)
         missing = sorted(set(missing) - _tied_names(model))  # tied weights are stored once
         if missing or unexpected:
@@ -52,7 +55,7 @@ class CheckpointContents:
                 f"{self.source}: its weights do not fit the architecture it records "
                 f"(missing: {missing[:5]}, unexpected: {sorted(unexpected)[:5]}); {_HELP}."
             )
-        return model.eval()
+        return model
 
     def metadata(self) -> dict[str, Any]:
         """Everything but the weights, as JSON-able values."""

@@ -35,8 +35,9 @@ class DecodingOptions:
     top_p: float = 1.0  # sampling: only among the most likely words holding this much mass
     use_cache: bool = True  # False recomputes the whole prefix each step (a reference)
 
-    def resolve_max_length(self, config: CaptionerConfig, vocab_size: int) -> int:
+    def resolve_max_length(self, config: CaptionerConfig) -> int:
         """Check every field, naming the key to fix; returns the number of steps to run."""
+        vocab_size = config.vocab_size
         longest = config.max_len - 1  # the model saw <bos> + at most max_len - 1 targets
         max_length = longest if self.max_length is None else self.max_length
         checks = [
@@ -385,7 +386,7 @@ def generate(
     explicit attention path. `generator` makes sampling reproducible.
     """
     options = options or DecodingOptions()
-    steps = options.resolve_max_length(model.config, model.config.vocab_size)
+    steps = options.resolve_max_length(model.config)
     ids = (bos_id, eos_id, pad_id)
     was_training = model.training
     model.eval()

@@ -88,7 +88,7 @@ class CaptionerLitModule(LightningModule):
             self.decoding = DecodingOptions(**(decoding or {}))
         except TypeError as err:
             raise ConfigError(f"unknown decoding key: {err}") from None
-        self.decoding.resolve_max_length(self.config, len(tokenizer))  # fail before training
+        self.decoding.resolve_max_length(self.config)  # fail before training, not after
         self.spice = spice
         self._outputs: dict[str, list[tuple[Any, str, list[str], Any]]] = defaultdict(list)
         # split -> {image id: caption}, kept after each validation or test epoch

@@ -147,7 +147,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         spice=cfg.spice,
         **architecture,
     )
-    model.net = contents.build_model()
+    contents.load_into(model.net)
     model.data_config = contents.data
     trainer: L.Trainer = _instantiate(
         cfg.trainer, callbacks=_instantiate_group(cfg.get("callbacks")), logger=False

@@ -15,3 +15,15 @@ class UnsafeCheckpointError(CheckpointError):
 
 class ImageLoadError(ValueError):
     """A file that is not a readable image; the message names the file."""
+
+    def __init__(self, source: str, reason: str) -> None:
+        super().__init__(f"{source}: {reason}")
+        self.source, self.reason = source, reason
+
+    def __reduce__(self) -> tuple:  # picklable, so it can cross a worker process boundary
+        return (type(self), (self.source, self.reason))
+
+
+class DataError(ValueError):
+    """A dataset entry or annotation file that cannot be used; the message names the file (and
+    line or key) and the fix."""

@@ -2,42 +2,82 @@
 
 from __future__ import annotations
 
+import io
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms.v2 import functional as TF
 
-from captioner.errors import ImageLoadError
+from captioner.errors import ConfigError, ImageLoadError
 
 # Images are stored as uint8 and mapped to [-1, 1]; checkpoints record these numbers.
 IMAGE_MEAN = (0.5, 0.5, 0.5)
 IMAGE_STD = (0.5, 0.5, 0.5)
+# Transparent pixels are shown over white, as a browser or viewer shows them.
+BACKGROUND = (255, 255, 255)
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """An RGB image, turned upright by its EXIF orientation; `ImageLoadError` names the file
-    when it is missing, not an image, truncated or a decompression bomb."""
-    path = Path(path)
+def load_image(source: str | Path | bytes, name: str | None = None) -> Image.Image:
+    """An RGB image, turned upright by its EXIF orientation, from a path or encoded bytes.
+
+    `ImageLoadError` names the file (or `name`) when it is missing, not an image, truncated or
+    a decompression bomb, so a bad file never surfaces as a traceback from deep inside PIL.
+    """
+    label = name or ("<bytes>" if isinstance(source, bytes) else str(source))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                image = ImageOps.exif_transpose(image)
-                return image.convert("RGB")
+            opened = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+            with opened as image:
+                return to_rgb(ImageOps.exif_transpose(image))
     except FileNotFoundError:
-        raise ImageLoadError(f"{path}: no such file") from None
+        raise ImageLoadError(label, "no such file") from None
     except IsADirectoryError:
-        raise ImageLoadError(f"{path}: is a directory, not an image file") from None
+        raise ImageLoadError(label, "is a directory, not an image file") from None
     except UnidentifiedImageError:
-        raise ImageLoadError(f"{path}: not a readable image (unknown or corrupt format)") from None
+        raise ImageLoadError(label, "not a readable image (unknown or corrupt format)") from None
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
-        raise ImageLoadError(f"{path}: refused as a possible decompression bomb ({err})") from None
+        raise ImageLoadError(label, f"refused as a possible decompression bomb ({err})") from None
     except (OSError, SyntaxError, ValueError) as err:  # truncated or damaged pixel data
-        raise ImageLoadError(f"{path}: damaged image data ({err})") from None
+        raise ImageLoadError(label, f"damaged image data ({err})") from None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB from any PIL mode, keeping what the picture shows.
+
+    PIL's own `convert("RGB")` clips 16-bit pixels to white and turns transparent pixels into
+    whatever colour they happen to store; here 16-bit data is rescaled and transparency is
+    composited over a white background.
+    """
+    if image.mode == "RGB":
+        return image
+    if image.mode.startswith("I") or image.mode == "F":  # 16/32-bit integer or float grey
+        values = np.asarray(image, dtype=np.float64)
+        if image.mode.startswith("I;16") or values.max(initial=0) > 255:
+            values = values / 257.0  # 0..65535 -> 0..255
+        elif image.mode == "F" and values.max(initial=0) <= 1.0:
+            values = values * 255.0  # floats in [0, 1]
+        grey = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), mode="L")
+        return grey.convert("RGB")
+    if "A" in image.mode or "a" in image.mode or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (*BACKGROUND, 255))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return image.convert("RGB")  # L, 1, P, CMYK, YCbCr
+
+
+def image_size_pair(value: int | Any, key: str = "data.image_size") -> tuple[int, int]:
+    """`image_size` as (height, width) from an int or a pair."""
+    size = (value, value) if isinstance(value, int) else tuple(value)
+    if len(size) != 2 or min(int(s) for s in size) <= 0:
+        raise ConfigError(f"{key} must be a positive int or [height, width], got {value}.")
+    return (int(size[0]), int(size[1]))
 
 
 @dataclass(frozen=True)
@@ -60,6 +100,10 @@ class ImagePreprocess:
 
     def __call__(self, image: Image.Image | torch.Tensor) -> torch.Tensor:
         """A PIL image, or a (C, H, W) tensor of uint8 pixels or floats in [0, 1] -> (C, H, W)."""
+        return self.normalize(self.resize(image))
+
+    def resize(self, image: Image.Image | torch.Tensor) -> torch.Tensor:
+        """The whole image at the model's size, not yet normalised (uint8 for PIL input)."""
         if isinstance(image, Image.Image):
             pixels = TF.pil_to_tensor(image.convert("RGB"))  # (3, H, W) uint8
         elif isinstance(image, torch.Tensor) and image.ndim == 3:
@@ -76,7 +120,7 @@ class ImagePreprocess:
             )
         if tuple(pixels.shape[-2:]) != self.image_size:
             pixels = TF.resize(pixels, list(self.image_size), antialias=True)
-        return self.normalize(pixels)
+        return pixels
 
     def to_dict(self) -> dict[str, Any]:
         """Plain types, for checkpoints and exported JSON."""
@@ -90,3 +134,34 @@ class ImagePreprocess:
             mean=tuple(float(m) for m in state["mean"]),
             std=tuple(float(s) for s in state["std"]),
         )
+
+
+@dataclass(frozen=True)
+class TrainAugment:
+    """Training-time view of an image: a random crop keeping at least `min_area` of it, with
+    the aspect ratio jittered by at most `max_aspect_change`, resized to the model's size.
+
+    Mild on purpose: a caption describes the whole image, so a crop that cuts an object away
+    would teach a wrong caption. There is no flip either: it would swap "left" and "right".
+    """
+
+    preprocess: ImagePreprocess
+    min_area: float = 0.8
+    max_aspect_change: float = 4 / 3
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.min_area <= 1.0:
+            raise ConfigError(f"data.min_crop_area must be in (0, 1], got {self.min_area}.")
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        pixels = TF.pil_to_tensor(image.convert("RGB"))  # (3, H, W) uint8
+        height, width = pixels.shape[-2:]
+        area = torch.empty(()).uniform_(self.min_area, 1.0).item()
+        log_change = math.log(self.max_aspect_change)
+        aspect = math.exp(torch.empty(()).uniform_(-log_change, log_change).item())
+        crop_h = min(height, max(1, round(height * math.sqrt(area / aspect))))
+        crop_w = min(width, max(1, round(width * math.sqrt(area * aspect))))
+        top = int(torch.randint(0, height - crop_h + 1, ()).item())
+        left = int(torch.randint(0, width - crop_w + 1, ()).item())
+        size = list(self.preprocess.image_size)
+        return TF.resized_crop(pixels, top, left, crop_h, crop_w, size, antialias=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from captioner.errors import CheckpointError, ConfigError
+from captioner.errors import CheckpointError, ConfigError, DataError
 
 
 @contextmanager
@@ -23,6 +23,9 @@ def user_errors() -> Iterator[None]:
         sys.exit(2)
     except CheckpointError as err:
         print(f"checkpoint error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except DataError as err:
+        print(f"data error: {err}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -105,7 +105,9 @@ class CaptionerLitModule(LightningModule):
             label_smoothing=self.label_smoothing,
         )
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        if not batch["image_ids"]:  # every sample in it was bad and skipped
+            return None
         loss = self.loss(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["tokens"]))
         return loss
@@ -117,6 +119,8 @@ class CaptionerLitModule(LightningModule):
         return [tok.decode(row.tolist()) for row in out.tokens]
 
     def _eval_step(self, batch: dict[str, Any]) -> None:
+        if not batch["image_ids"]:  # every sample in it was bad and skipped
+            return
         split = batch["split"]
         self.log(
             f"{split}/loss", self.loss(batch), batch_size=len(batch["tokens"]),
@@ -179,7 +183,13 @@ class CaptionerLitModule(LightningModule):
         )
         if self.scheduler_factory is None:
             return {"optimizer": optimizer}
-        total = int(self.trainer.estimated_stepping_batches)
+        total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total):  # a stream with no length and no step limit
+            raise ConfigError(
+                "the learning-rate schedule needs the number of training steps, which a stream "
+                "of shards does not know: set trainer.max_steps or data.epoch_samples."
+            )
+        total = int(total)
         scheduler = self.scheduler_factory(optimizer, total_steps=total)
         return {
             "optimizer": optimizer,

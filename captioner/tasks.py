@@ -6,6 +6,7 @@ import json
 import logging
 import time
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +15,12 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
+from torch.utils.data import DataLoader
 
 from captioner.checkpoint import CheckpointContents, load_checkpoint
-from captioner.data import ImagePreprocess, Tokenizer
-from captioner.errors import ConfigError
+from captioner.data import ImagePreprocess, Tokenizer, split_words
+from captioner.data.policy import BadSample
+from captioner.errors import ConfigError, DataError
 from captioner.lit_module import CaptionerLitModule
 
 log = logging.getLogger(__name__)
@@ -32,8 +35,12 @@ def _instantiate(node: DictConfig, **kwargs: Any) -> Any:
     objects receive plain lists and dicts (checkpoints must not pickle OmegaConf objects)."""
     try:
         return instantiate(node, _convert_="all", **kwargs)
+    except MissingMandatoryValue as err:
+        raise ConfigError(
+            f"{err.full_key} is required: add {err.full_key}=... to the command line."
+        ) from None
     except InstantiationException as err:
-        if isinstance(err.__cause__, ConfigError):
+        if isinstance(err.__cause__, ConfigError | DataError):
             raise err.__cause__ from None
         raise
 
@@ -77,7 +84,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         fit_seconds = time.perf_counter() - start
 
     metrics: dict[str, float] = {}
-    if cfg.get("test", True):
+    if cfg.get("test", True) and not datamodule.test_splits():
+        log.warning("the data has no test split: skipping the test (set one, e.g. data.test_json)")
+    elif cfg.get("test", True):
         ckpt = cfg.get("ckpt_path")  # without training, test the checkpoint that was given
         if cfg.get("train", True):
             callback = trainer.checkpoint_callback
@@ -87,6 +96,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         trainer.test(model, datamodule=datamodule, ckpt_path=ckpt or None, verbose=False)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test")}
     metrics["train/seconds"] = round(fit_seconds, 1)
+    metrics.update(_data_metrics(datamodule))
 
     metrics_path = _write_json(cfg, "metrics.json", dict(sorted(metrics.items())))
     objects = {
@@ -94,6 +104,14 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         "metrics_path": metrics_path,
     }  # fmt: skip
     return metrics, objects
+
+
+def _data_metrics(datamodule: Any) -> dict[str, float]:
+    """How many bad samples were skipped, when skipping is allowed: never a silent loss."""
+    if datamodule.bad_samples.policy != "skip":
+        return {}
+    log.info("skipped %d bad samples, each logged above", len(datamodule.bad_samples))
+    return {"data/skipped_samples": float(len(datamodule.bad_samples))}
 
 
 def _write_json(cfg: DictConfig, name: str, value: Any) -> Path:
@@ -154,6 +172,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     )
     trainer.test(model, datamodule=datamodule, verbose=False)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test")}
+    metrics.update(_data_metrics(datamodule))
     prediction_paths = {}
     for split, captions in model.predictions.items():
         name = "predictions.json" if split == "test" else f"predictions_{split}.json"
@@ -165,3 +184,32 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         "metrics_path": metrics_path, "prediction_paths": prediction_paths,
     }  # fmt: skip
     return metrics, objects
+
+
+def validate_data(cfg: DictConfig) -> tuple[dict[str, Any], Path]:
+    """Read every entry of every split of `cfg.data` and collect the bad ones, whatever
+    `data.on_bad_sample` says; returns (report, path of report.json)."""
+    node = OmegaConf.create(OmegaConf.to_container(cfg.data, resolve=True))
+    if "on_bad_sample" in node:
+        node.on_bad_sample = "skip"  # collect every bad entry instead of stopping at the first
+    datamodule = _instantiate(node)
+    splits: dict[str, dict[str, int]] = {}
+    bad: list[BadSample] = []
+    for split, dataset in datamodule.datasets(scan=True).items():
+        loader = DataLoader(
+            dataset, batch_size=64, num_workers=datamodule.num_workers, collate_fn=list
+        )
+        counts = splits.setdefault(split, {"samples": 0, "bad": 0, "long_captions": 0})
+        for samples in loader:
+            for sample in samples:
+                counts["samples"] += 1
+                if "bad" in sample:
+                    counts["bad"] += 1
+                    bad.append(sample["bad"])
+                    continue
+                lengths = (len(split_words(c)) + 2 for c in sample["captions"])  # <bos>, <eos>
+                counts["long_captions"] += sum(n > datamodule.max_len for n in lengths)
+    # entries dropped while reading the annotation files come first, as the files list them
+    dropped = [BadSample(s, r) for s, r in datamodule.bad_samples.skipped.items()]
+    report = {"splits": splits, "bad": [asdict(b) for b in dropped + bad]}
+    return report, _write_json(cfg, "report.json", report)

@@ -14,7 +14,9 @@ class CaptionCollator:
     """Turns samples into a batch; training picks a random reference per image each time.
 
     The batch keeps every reference (for scoring), the split name (for metric prefixes) and,
-    when the dataset has it, each image's ground-truth scene.
+    when the dataset has it, each image's ground-truth scene. Samples that came back as
+    `{"bad": BadSample}` are left out and listed under `bad_samples`, for the main process to
+    apply the bad-sample policy; a sample may fix its training caption under `caption`.
     """
 
     def __init__(
@@ -29,23 +31,34 @@ class CaptionCollator:
         self.split, self.train = split, train
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        bad = [s["bad"] for s in samples if "bad" in s]
+        samples = [s for s in samples if "bad" not in s]
         references = [s["captions"] for s in samples]
         if self.train:
             picks = torch.randint(0, 1 << 30, (len(samples),)).tolist()
-            captions = [refs[p % len(refs)] for refs, p in zip(references, picks, strict=True)]
+            captions = [
+                s.get("caption") or refs[p % len(refs)]
+                for s, refs, p in zip(samples, references, picks, strict=True)
+            ]
         else:
             captions = [refs[0] for refs in references]
         ids = [self.tokenizer.encode(c, self.max_len) for c in captions]
-        tokens = torch.full((len(ids), max(map(len, ids))), self.tokenizer.pad_id)
+        height, width = self.preprocess.image_size
+        tokens = torch.full((len(ids), max(map(len, ids), default=2)), self.tokenizer.pad_id)
         for row, seq in enumerate(ids):
             tokens[row, : len(seq)] = torch.tensor(seq)
+        if samples:
+            images = torch.stack([s["image"] for s in samples])  # (B, 3, H, W)
+        else:  # every sample was bad: an empty batch, which the model skips
+            images = torch.zeros(0, 3, height, width, dtype=torch.uint8)
         batch = {
-            "images": self.preprocess.normalize(torch.stack([s["image"] for s in samples])),
+            "images": self.preprocess.normalize(images),
             "tokens": tokens,  # (B, T): <bos> words <eos> <pad>...
             "image_ids": [s["image_id"] for s in samples],
             "references": references,
             "split": self.split,
+            "bad_samples": bad,
         }
-        if "scene" in samples[0]:
+        if samples and "scene" in samples[0]:
             batch["scenes"] = [s["scene"] for s in samples]
         return batch

@@ -1,18 +1,23 @@
-"""LightningDataModules: a shared base for loaders and vocabulary, and the shapes data."""
+"""LightningDataModules: a shared base for loaders, vocabulary and bad samples; the shapes data."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
 from lightning import LightningDataModule
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from captioner.data.collate import CaptionCollator
+from captioner.data.policy import BadSampleLog
 from captioner.data.shapes import ShapesDataset, ShapesWorld
 from captioner.data.tokenizer import Tokenizer
-from captioner.data.transforms import ImagePreprocess
+from captioner.data.transforms import ImagePreprocess, TrainAugment, image_size_pair
+from captioner.data.vocab_cache import cached_tokenizer
 from captioner.errors import ConfigError
 
 
@@ -20,13 +25,22 @@ class CaptionDataModule(LightningDataModule):
     """Loaders for train / val / one or more test splits, and the training vocabulary.
 
     Subclasses provide `datasets()` (split name -> Dataset; names starting with "test" are test
-    sets), `training_captions()` and `preprocess`, the image preprocessing that checkpoints keep.
+    sets), `training_captions()` and `preprocess`, the image preprocessing that checkpoints keep;
+    `vocab_cache_file()` when the vocabulary is worth caching. Bad samples reach the main
+    process in each batch and go to `bad_samples`, which applies `data.on_bad_sample`.
     """
 
     preprocess: ImagePreprocess
+    augment: TrainAugment | None = None  # training-time image transform, if any
 
     def __init__(
-        self, batch_size: int, num_workers: int, max_len: int, min_freq: int, pin_memory: bool
+        self,
+        batch_size: int,
+        num_workers: int,
+        max_len: int,
+        min_freq: int,
+        pin_memory: bool,
+        on_bad_sample: str = "error",
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -37,20 +51,38 @@ class CaptionDataModule(LightningDataModule):
             raise ConfigError(f"data.max_len must be >= 3 (<bos>, a word, <eos>), got {max_len}.")
         self.batch_size, self.num_workers = batch_size, num_workers
         self.max_len, self.min_freq, self.pin_memory = max_len, min_freq, pin_memory
+        self.bad_samples = BadSampleLog(on_bad_sample)
         self._tokenizer: Tokenizer | None = None
         self._datasets: dict[str, Dataset] | None = None
 
-    def datasets(self) -> dict[str, Dataset]:
+    def datasets(self, scan: bool = False) -> dict[str, Dataset]:
+        """Split name -> Dataset; `scan`: every sample once, in order, images decoded but not
+        kept (what `scripts/validate_data.py` reads)."""
         raise NotImplementedError
+
+    def image_transform(self, split: str, scan: bool) -> Callable[[Image.Image], Any]:
+        """Augmented pixels for training, the whole image resized otherwise; nothing kept
+        when scanning."""
+        if scan:
+            return _discard
+        if split == "train" and self.augment is not None:
+            return self.augment
+        return self.preprocess.resize
 
     def training_captions(self) -> Iterable[str]:
         raise NotImplementedError
+
+    def vocab_cache_file(self) -> Path | None:
+        """Where the vocabulary is cached (a name keyed on data and settings), or None."""
+        return None
 
     @property
     def tokenizer(self) -> Tokenizer:
         """Built once from the training captions only, so no test word leaks into training."""
         if self._tokenizer is None:
-            self._tokenizer = Tokenizer.build(self.training_captions(), self.min_freq)
+            cache_file = self.vocab_cache_file()
+            build = partial(Tokenizer.build, self.training_captions(), self.min_freq)
+            self._tokenizer = build() if cache_file is None else cached_tokenizer(build, cache_file)
         return self._tokenizer
 
     @tokenizer.setter
@@ -65,8 +97,13 @@ class CaptionDataModule(LightningDataModule):
     def transfer_batch_to_device(
         self, batch: dict[str, Any], device: torch.device, dataloader_idx: int
     ) -> dict[str, Any]:
-        """Move the tensors only; references and ground-truth scenes stay plain Python."""
+        """Apply the bad-sample policy to what the workers found, then move the tensors only;
+        references and ground-truth scenes stay plain Python."""
+        self.bad_samples.report(batch.pop("bad_samples", ()))
         return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    def collator(self, split: str, train: bool) -> CaptionCollator:
+        return CaptionCollator(self.tokenizer, self.preprocess, self.max_len, split, train)
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         self.setup()
@@ -79,7 +116,7 @@ class CaptionDataModule(LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=self.pin_memory,
-            collate_fn=CaptionCollator(self.tokenizer, self.preprocess, self.max_len, split, train),
+            collate_fn=self.collator(split, train),
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -88,11 +125,34 @@ class CaptionDataModule(LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", train=False)
 
-    def test_dataloader(self) -> list[DataLoader]:
+    def test_splits(self) -> list[str]:
+        """The splits tested after training: every dataset whose name starts with "test"."""
         self.setup()
         assert self._datasets is not None
-        names = [name for name in self._datasets if name.startswith("test")]
-        return [self._loader(name, train=False) for name in names]
+        return [name for name in self._datasets if name.startswith("test")]
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return [self._loader(name, train=False) for name in self.test_splits()]
+
+
+class ImageDataModule(CaptionDataModule):
+    """The keys every dataset of real images shares (`conf/data/common/images.yaml`)."""
+
+    def __init__(
+        self,
+        image_size: int | Sequence[int] = 224,
+        batch_size: int = 64,
+        num_workers: int = 4,
+        max_len: int = 32,
+        min_freq: int = 5,
+        pin_memory: bool = False,
+        on_bad_sample: str = "error",
+        augment: bool = True,
+        min_crop_area: float = 0.8,
+    ) -> None:
+        super().__init__(batch_size, num_workers, max_len, min_freq, pin_memory, on_bad_sample)
+        self.preprocess = ImagePreprocess(image_size_pair(image_size))
+        self.augment = TrainAugment(self.preprocess, min_crop_area) if augment else None
 
 
 class ShapesDataModule(CaptionDataModule):
@@ -132,9 +192,13 @@ class ShapesDataModule(CaptionDataModule):
         if self.world.holdout:
             self.sizes["test_comp"] = num_test
 
-    def datasets(self) -> dict[str, Dataset]:
+    def datasets(self, scan: bool = False) -> dict[str, Dataset]:
         return {split: ShapesDataset(self.world, split, n) for split, n in self.sizes.items()}
 
     def training_captions(self) -> Iterable[str]:
         for index in range(self.sizes["train"]):
             yield from self.world.scene("train", index).captions
+
+
+def _discard(image: Image.Image) -> None:
+    """The scan transform: the image was decoded (so a broken one is found), then dropped."""

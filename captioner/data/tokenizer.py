@@ -12,6 +12,11 @@ SPECIALS = (PAD, BOS, EOS, UNK)
 _WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?|[^\sa-z0-9]")
 
 
+def tokenizer_settings(min_freq: int) -> dict[str, Any]:
+    """Everything that decides the vocabulary besides the captions: part of its cache key."""
+    return {"type": "word", "pattern": _WORD.pattern, "specials": SPECIALS, "min_freq": min_freq}
+
+
 def split_words(text: str) -> list[str]:
     """Lower-case and split into words, with each punctuation mark its own word."""
     return _WORD.findall(text.lower())

@@ -1,0 +1,244 @@
+"""Image files on disk with annotation files: COCO, Karpathy splits, Flickr, JSONL/CSV.
+
+Each format is a thin DataModule over `read_*` from `records.py`; loading, augmentation, the
+bad-sample policy, the vocabulary cache and the checks that catch a wrong image folder at
+start-up are shared here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from captioner.data.datamodule import ImageDataModule
+from captioner.data.policy import BadSample
+from captioner.data.records import Record, read_coco, read_flickr, read_karpathy, read_table
+from captioner.data.tokenizer import tokenizer_settings
+from captioner.data.transforms import load_image
+from captioner.data.vocab_cache import data_key
+from captioner.errors import ConfigError, DataError, ImageLoadError
+
+log = logging.getLogger(__name__)
+
+TRAIN_CAPTIONS = ("one", "all")
+CHECKED_IMAGES = 16  # images stat'ed at start-up to catch a wrong image folder
+
+
+class ImageCaptionDataset(Dataset):
+    """Records as samples, images loaded lazily; an unreadable image becomes a `BadSample`.
+
+    With `every_caption`, each (image, caption) pair is one sample, so an epoch sees every
+    caption; otherwise each image is one sample and the collator draws one of its captions.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[Record],
+        transform: Callable[[Image.Image], torch.Tensor],
+        every_caption: bool = False,
+    ) -> None:
+        self.records, self.transform = records, transform
+        self.index = [
+            (i, j if every_caption else None)
+            for i, record in enumerate(records)
+            for j in range(len(record.captions) if every_caption else 1)
+        ]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        position, caption = self.index[index]
+        record = self.records[position]
+        try:
+            pixels = self.transform(load_image(record.image))
+        except ImageLoadError as err:
+            return {"bad": BadSample(err.source, err.reason)}
+        sample = {"image": pixels, "captions": list(record.captions), "image_id": record.image_id}
+        if caption is not None:
+            sample["caption"] = record.captions[caption]
+        return sample
+
+
+class FileCaptionDataModule(ImageDataModule):
+    """Shared by every image-file format: subclasses say how to read a split (`read`), which
+    files define the training data (`training_sources`) and which key names the image folder.
+    """
+
+    image_key = "data.image_dir"
+
+    def __init__(self, train_captions: str = "one", **common: Any) -> None:
+        super().__init__(**common)
+        if train_captions not in TRAIN_CAPTIONS:
+            raise ConfigError(
+                f"data.train_captions must be one of {list(TRAIN_CAPTIONS)}, got "
+                f"{train_captions!r}: 'one' draws a caption per image each epoch, 'all' visits "
+                "every caption."
+            )
+        self.every_caption = train_captions == "all"
+        self._records: dict[str, list[Record]] = {}
+
+    def read(self, split: str) -> tuple[list[Record], list[BadSample]] | None:
+        """The split's records and the bad entries dropped while reading; None: no such split."""
+        raise NotImplementedError
+
+    def training_sources(self) -> list[Path]:
+        """The annotation files that decide the training captions (the vocabulary's key)."""
+        raise NotImplementedError
+
+    def records(self, split: str) -> list[Record] | None:
+        """Read once; the dropped entries go through the bad-sample policy right away."""
+        if split not in self._records:
+            result = self.read(split)
+            if result is None:
+                return None
+            records, bad = result
+            self.bad_samples.report(bad)
+            if not records:
+                raise DataError(f"the {split} split has no usable images and captions.")
+            self._check_images(split, records)
+            self._records[split] = records
+        return self._records[split]
+
+    def _check_images(self, split: str, records: Sequence[Record]) -> None:
+        """A wrong image folder fails now, not as thousands of skipped samples later."""
+        sample = [r.image for r in records[:CHECKED_IMAGES]]
+        if not any(path.is_file() for path in sample):
+            raise DataError(
+                f"none of the first {len(sample)} images of the {split} split exists (e.g. "
+                f"{sample[0]}): check {self.image_key}."
+            )
+
+    def datasets(self, scan: bool = False) -> dict[str, Dataset]:
+        out: dict[str, Dataset] = {}
+        for split in ("train", "val", "test"):
+            records = self.records(split)
+            if records is not None:
+                every_caption = split == "train" and self.every_caption and not scan
+                transform = self.image_transform(split, scan)
+                out[split] = ImageCaptionDataset(records, transform, every_caption)
+        return out
+
+    def training_captions(self) -> Iterable[str]:
+        for record in self.records("train") or ():
+            yield from record.captions
+
+    def vocab_cache_file(self) -> Path | None:
+        sources = self.training_sources()
+        key = data_key(sources, self.vocab_settings(), read_contents=True)
+        return sources[0].with_name(f"{sources[0].name}.vocab-{key}.json")
+
+    def vocab_settings(self) -> dict[str, Any]:
+        """What besides the files decides the training captions (e.g. which splits)."""
+        return {**tokenizer_settings(self.min_freq), "format": type(self).__name__}
+
+
+class CocoDataModule(FileCaptionDataModule):
+    """COCO captions (`data=coco`): `captions_*.json` files and one image folder."""
+
+    def __init__(
+        self,
+        image_dir: str,
+        train_json: str,
+        val_json: str,
+        test_json: str | None = None,
+        **common: Any,
+    ) -> None:
+        super().__init__(**common)
+        self.image_dir = Path(image_dir)
+        self.files = {"train": train_json, "val": val_json, "test": test_json}
+
+    def read(self, split: str) -> tuple[list[Record], list[BadSample]] | None:
+        path = self.files[split]
+        return None if path is None else read_coco(path, self.image_dir, self.bad_samples.policy)
+
+    def training_sources(self) -> list[Path]:
+        return [Path(self.files["train"])]
+
+
+class KarpathySplitDataModule(FileCaptionDataModule):
+    """Karpathy's splits (`data=karpathy`): `dataset_{coco,flickr8k,flickr30k}.json` and an
+    image root; the train/val/test split that captioning papers report on."""
+
+    image_key = "data.image_root"
+
+    def __init__(
+        self,
+        split_file: str,
+        image_root: str,
+        train_splits: Sequence[str] = ("train", "restval"),
+        **common: Any,
+    ) -> None:
+        super().__init__(**common)
+        self.split_file, self.image_root = Path(split_file), Path(image_root)
+        self.splits = {"train": list(train_splits), "val": ["val"], "test": ["test"]}
+
+    def read(self, split: str) -> tuple[list[Record], list[BadSample]]:
+        policy = self.bad_samples.policy
+        return read_karpathy(self.split_file, self.image_root, self.splits[split], policy)
+
+    def training_sources(self) -> list[Path]:
+        return [self.split_file]
+
+    def vocab_settings(self) -> dict[str, Any]:
+        return {**super().vocab_settings(), "train_splits": self.splits["train"]}
+
+
+class FlickrDataModule(FileCaptionDataModule):
+    """Flickr8k / Flickr30k in their own formats (`data=flickr`): a captions file
+    (`Flickr8k.token.txt`, `results_20130124.token`, `results.csv` or `captions.txt`) and a
+    list of image names per split (`Flickr_8k.trainImages.txt`)."""
+
+    def __init__(
+        self,
+        captions_file: str,
+        image_dir: str,
+        train_list: str,
+        val_list: str,
+        test_list: str | None = None,
+        **common: Any,
+    ) -> None:
+        super().__init__(**common)
+        self.captions_file, self.image_dir = Path(captions_file), Path(image_dir)
+        self.lists = {"train": train_list, "val": val_list, "test": test_list}
+
+    def read(self, split: str) -> tuple[list[Record], list[BadSample]] | None:
+        names = self.lists[split]
+        if names is None:
+            return None
+        return read_flickr(self.captions_file, self.image_dir, names, self.bad_samples.policy)
+
+    def training_sources(self) -> list[Path]:
+        return [self.captions_file, Path(self.lists["train"])]
+
+
+class TableDataModule(FileCaptionDataModule):
+    """Your own data (`data=jsonl`): JSONL lines `{"image": path, "caption": str | [str]}`
+    or CSV/TSV with `image` and `caption` columns, one file per split."""
+
+    image_key = "data.image_root"
+
+    def __init__(
+        self,
+        train_file: str,
+        val_file: str,
+        test_file: str | None = None,
+        image_root: str | None = None,
+        **common: Any,
+    ) -> None:
+        super().__init__(**common)
+        self.files = {"train": train_file, "val": val_file, "test": test_file}
+        self.image_root = image_root
+
+    def read(self, split: str) -> tuple[list[Record], list[BadSample]] | None:
+        path = self.files[split]
+        return None if path is None else read_table(path, self.image_root, self.bad_samples.policy)
+
+    def training_sources(self) -> list[Path]:
+        return [Path(self.files["train"])]

@@ -1,0 +1,279 @@
+"""WebDataset tar shards (`data=webdataset`): `{key}.jpg|png|webp` + `{key}.txt|json` pairs, as
+img2dataset writes them, streamed with the `webdataset` library.
+
+Shards are dealt out first across DDP ranks, then across each rank's loader workers, so every
+sample is read once per epoch by exactly one worker. Training reshuffles the shard order each
+epoch (the same order on every rank, then split) and shuffles samples in a buffer; validation
+and test read a fixed shard list in order. A broken shard or sample becomes a `BadSample`, so
+the bad-sample policy applies in the main process as for image files.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+from collections.abc import Callable, Iterator, Sequence
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import braceexpand
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+
+from captioner.data.datamodule import ImageDataModule
+from captioner.data.policy import BadSample
+from captioner.data.tokenizer import tokenizer_settings
+from captioner.data.transforms import load_image
+from captioner.data.vocab_cache import data_key
+from captioner.errors import ConfigError, DataError, ImageLoadError
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+CAPTION_EXTENSIONS = ("txt", "json")
+REMOTE_PREFIXES = ("http://", "https://", "pipe:", "s3://", "gs://")
+
+
+def expand_shards(spec: str | Sequence[str], key: str) -> list[str]:
+    """Brace-expanded shard paths or URLs; local files are checked to exist now."""
+    patterns = [spec] if isinstance(spec, str) else list(spec)
+    shards = [shard for pattern in patterns for shard in braceexpand.braceexpand(pattern)]
+    if not shards:
+        raise ConfigError(f"{key} names no shards: give a path like 'data/{{00000..00099}}.tar'.")
+    local = [s for s in shards if not s.startswith(REMOTE_PREFIXES)]
+    missing = [s for s in local if not Path(s.removeprefix("file:")).is_file()]
+    if missing:
+        raise DataError(
+            f"{len(missing)} of the {len(shards)} shards in {key} do not exist, e.g. "
+            f"{missing[0]}: check the path and the brace range."
+        )
+    return shards
+
+
+def assign_shards(
+    shards: Sequence[str], rank: int, world_size: int, worker: int, num_workers: int
+) -> list[str]:
+    """This worker's shards: every `world_size`-th for the rank, then every `num_workers`-th."""
+    return list(shards)[rank::world_size][worker::num_workers]
+
+
+def sample_captions(raw: dict[str, Any]) -> list[str] | BadSample:
+    """The captions of a tar sample: the `caption` of its `.json` (a string, or a list of
+    every reference), else its `.txt`."""
+    source = f"{raw.get('__url__', '?')}/{raw.get('__key__', '?')}"
+    captions: Any = None
+    if "json" in raw:
+        try:
+            captions = json.loads(raw["json"]).get("caption")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            return BadSample(f"{source}.json", "not a JSON object")
+    if captions is None and "txt" in raw:
+        captions = raw["txt"].decode("utf-8", errors="replace")
+    if captions is None:
+        return BadSample(source, "no caption (.txt, or .json with a 'caption' key) in sample")
+    captions = [captions] if isinstance(captions, str) else captions
+    if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
+        return BadSample(f"{source}.json", "'caption' is not a string or a list of strings")
+    return [c.strip() for c in captions if c.strip()] or BadSample(source, "empty caption")
+
+
+def decode_sample(
+    raw: dict[str, Any], transform: Callable[[Image.Image], torch.Tensor]
+) -> dict[str, Any]:
+    """A tar sample's bytes -> our sample, or `{"bad": BadSample}` naming shard and key."""
+    source = f"{raw.get('__url__', '?')}/{raw.get('__key__', '?')}"
+    image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in raw), None)
+    if image_ext is None:
+        return {"bad": BadSample(source, f"no image (.{'/.'.join(IMAGE_EXTENSIONS)}) in sample")}
+    captions = sample_captions(raw)
+    if isinstance(captions, BadSample):
+        return {"bad": captions}
+    try:
+        pixels = transform(load_image(raw[image_ext], name=f"{source}.{image_ext}"))
+    except ImageLoadError as err:
+        return {"bad": BadSample(err.source, err.reason)}
+    return {"image": pixels, "captions": captions, "image_id": raw["__key__"]}
+
+
+class ShardStream(IterableDataset):
+    """The samples of a shard list, split across ranks and workers.
+
+    `epoch` (set by `EpochLoader`) seeds the shard and buffer shuffles, so each epoch differs
+    and every worker agrees on the shard order before taking its share. With `repeat` the
+    stream never ends (the loader decides where an epoch stops).
+    """
+
+    def __init__(
+        self,
+        shards: Sequence[str],
+        transform: Callable[[Image.Image], torch.Tensor],
+        shuffle_buffer: int = 0,
+        seed: int = 0,
+        repeat: bool = False,
+    ) -> None:
+        self.shards, self.transform = list(shards), transform
+        self.shuffle_buffer, self.seed, self.repeat = shuffle_buffer, seed, repeat
+        self.rank, self.world_size, self.epoch = 0, 1, 0
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        epoch = self.epoch
+        while True:
+            shards = list(self.shards)
+            if self.shuffle_buffer:
+                random.Random(f"{self.seed}/{epoch}").shuffle(shards)
+            mine = assign_shards(shards, self.rank, self.world_size, worker, num_workers)
+            samples = read_shards(mine)
+            if self.shuffle_buffer:
+                rng = random.Random(f"{self.seed}/{epoch}/{self.rank}/{worker}")
+                samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(
+                    samples
+                )
+            for raw in samples:
+                yield raw if "bad" in raw else decode_sample(raw, self.transform)
+            if not self.repeat:
+                return
+            epoch += 1
+
+
+def read_shards(
+    shards: Sequence[str], select_files: Callable[[str], bool] | None = None
+) -> Iterator[dict[str, Any]]:
+    """Raw samples from tar files, one shard at a time; a shard that cannot be opened or is
+    cut short yields one `{"bad": ...}` entry naming it (its first error: the rest follow from
+    it), and its readable samples still come through."""
+    for shard in shards:
+        errors: list[Exception] = []
+
+        def keep_going(err: Exception, errors: list[Exception] = errors) -> bool:
+            errors.append(err)
+            return True
+
+        reported = False
+        samples = wds.tarfile_samples(
+            [{"url": shard}], handler=keep_going, select_files=select_files
+        )
+        for raw in itertools.chain(samples, [None]):
+            if errors and not reported:
+                reported = True
+                reason = f"unreadable or cut-short shard ({_why(errors[0])})"
+                yield {"bad": BadSample(shard, reason)}
+            if raw is not None:
+                yield raw
+
+
+class EpochLoader(DataLoader):
+    """A DataLoader over a `ShardStream` that tells the stream which epoch it is, and, given
+    `num_batches`, ends each epoch after that many batches (so DDP ranks stay in step)."""
+
+    def __init__(self, dataset: ShardStream, num_batches: int | None = None, **kwargs: Any):
+        super().__init__(dataset, **kwargs)
+        self.num_batches = num_batches
+        self._epochs = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        self.dataset.epoch = self._epochs  # workers get a fresh copy of the dataset each epoch
+        self._epochs += 1
+        return islice(super().__iter__(), self.num_batches)
+
+    def __len__(self) -> int:
+        if self.num_batches is None:
+            raise TypeError("a stream of shards has no length; set data.epoch_samples")
+        return self.num_batches
+
+
+class WebDataModule(ImageDataModule):
+    """Tar shards for training, validation and (optionally) testing, e.g.
+    `data.train_shards='/data/laion/{00000..09999}.tar'`."""
+
+    def __init__(
+        self,
+        train_shards: str | Sequence[str],
+        val_shards: str | Sequence[str],
+        test_shards: str | Sequence[str] | None = None,
+        shuffle_buffer: int = 1000,
+        epoch_samples: int | None = None,
+        vocab_shards: int | None = None,
+        seed: int = 0,
+        **common: Any,
+    ) -> None:
+        super().__init__(**common)
+        self.shards = {
+            split: expand_shards(spec, f"data.{split}_shards")
+            for split, spec in (("train", train_shards), ("val", val_shards), ("test", test_shards))
+            if spec is not None
+        }
+        for name, value in (("shuffle_buffer", shuffle_buffer), ("epoch_samples", epoch_samples)):
+            if value is not None and value < 0:
+                raise ConfigError(f"data.{name} must be >= 0, got {value}.")
+        if vocab_shards is not None and vocab_shards < 1:
+            raise ConfigError(f"data.vocab_shards must be >= 1 or null (all), got {vocab_shards}.")
+        self.shuffle_buffer, self.epoch_samples = shuffle_buffer, epoch_samples
+        self.vocab_shards, self.seed = vocab_shards, seed
+
+    def datasets(self, scan: bool = False) -> dict[str, Dataset]:
+        out: dict[str, Dataset] = {}
+        for split, shards in self.shards.items():
+            train = split == "train" and not scan
+            out[split] = ShardStream(
+                shards,
+                self.image_transform(split, scan),
+                shuffle_buffer=self.shuffle_buffer if train else 0,
+                seed=self.seed,
+                repeat=train and bool(self.epoch_samples),
+            )
+        return out
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        self.setup()
+        assert self._datasets is not None
+        stream = self._datasets[split]
+        assert isinstance(stream, ShardStream)
+        if self.trainer is not None:  # under DDP: this process's share of the shards
+            stream.rank, stream.world_size = self.trainer.global_rank, self.trainer.world_size
+        if len(stream.shards) < stream.world_size:
+            raise ConfigError(
+                f"data.{split}_shards has {len(stream.shards)} shards for {stream.world_size} "
+                "processes: every process needs at least one shard; split the data finer."
+            )
+        num_batches = None
+        if train and self.epoch_samples:
+            num_batches = max(1, self.epoch_samples // (stream.world_size * self.batch_size))
+        return EpochLoader(
+            stream,
+            num_batches,
+            batch_size=self.batch_size,
+            drop_last=train,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            collate_fn=self.collator(split, train),
+        )
+
+    def training_captions(self) -> Iterator[str]:
+        shards = self.shards["train"][: self.vocab_shards]
+        for raw in read_shards(shards, select_files=_is_caption_file):
+            captions = [] if "bad" in raw else sample_captions(raw)
+            if isinstance(captions, list):  # bad ones are reported when training reads them
+                yield from captions
+
+    def vocab_cache_file(self) -> Path | None:
+        shards = self.shards["train"][: self.vocab_shards]
+        local = [Path(s.removeprefix("file:")) for s in shards if not s.startswith(REMOTE_PREFIXES)]
+        if len(local) < len(shards):
+            return None  # remote shards: no folder of ours to cache into
+        settings = {**tokenizer_settings(self.min_freq), "format": "webdataset"}
+        key = data_key(local, settings, read_contents=False)
+        return local[0].with_name(f"shards.vocab-{key}.json")
+
+
+def _is_caption_file(name: str) -> bool:
+    return name.rsplit(".", 1)[-1].lower() in CAPTION_EXTENSIONS
+
+
+def _why(err: Exception) -> str:
+    """The readable part of a tar or file error (webdataset appends streams and URLs to it)."""
+    text = next((a for a in err.args if isinstance(a, str)), type(err).__name__)
+    return text.split(" @ ")[0]

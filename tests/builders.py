@@ -1,0 +1,162 @@
+"""Tiny datasets in every supported format, written on the fly with real image files and tars.
+
+Images are shapes scenes, so the captions describe them; the test split carries the word
+"zebra", which must never reach the vocabulary (it is built from training captions only).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import tarfile
+from pathlib import Path
+
+from PIL import Image
+
+from captioner.data import ShapesWorld
+
+SPLIT_SIZES = {"train": 8, "val": 4, "test": 4}
+TEST_ONLY_WORD = "zebra"
+
+
+def scenes(split: str, count: int, size: int = 32) -> list[tuple[Image.Image, list[str]]]:
+    world = ShapesWorld(image_size=size, captions_per_image=3, max_objects=2)
+    out = []
+    for index in range(count):
+        scene = world.scene(split, index)
+        captions = list(scene.captions)
+        if split == "test":
+            captions[-1] += f" near a {TEST_ONLY_WORD}"
+        out.append((Image.fromarray(world.render(scene)), captions))
+    return out
+
+
+def image_bytes(image: Image.Image, fmt: str = "JPEG") -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def write_coco(root: Path, sizes: dict[str, int] = SPLIT_SIZES) -> dict[str, Path]:
+    """COCO captions files + one image folder; keys as in conf/data/coco.yaml."""
+    images_dir = root / "images"
+    images_dir.mkdir(parents=True)
+    paths = {"image_dir": images_dir}
+    next_id = 1
+    for split, count in sizes.items():
+        images, annotations = [], []
+        for image, captions in scenes(split, count):
+            name = f"{split}_{next_id:04d}.jpg"
+            image.save(images_dir / name)
+            images.append({"id": next_id, "file_name": name, "height": 32, "width": 32})
+            annotations += [
+                {"id": len(annotations) + 1000 * next_id, "image_id": next_id, "caption": c}
+                for c in captions
+            ]
+            next_id += 1
+        path = root / f"captions_{split}.json"
+        path.write_text(json.dumps({"images": images, "annotations": annotations}))
+        paths[f"{split}_json"] = path
+    return paths
+
+
+def write_karpathy(root: Path) -> dict[str, Path]:
+    """dataset_coco.json with COCO-style train2014/val2014 folders and a restval split."""
+    entries = []
+    splits = {"train": "train", "restval": "train", "val": "val", "test": "test"}
+    for karpathy_split, source in splits.items():
+        folder = "train2014" if source == "train" else "val2014"
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        count = SPLIT_SIZES[source] // (2 if source == "train" else 1)
+        for image, captions in scenes(source, count):
+            cocoid = len(entries) + 1
+            name = f"COCO_{folder}_{cocoid:012d}.jpg"
+            image.save(root / folder / name)
+            sentences = [{"raw": c, "tokens": c.split()} for c in captions]
+            entries.append(
+                {"filepath": folder, "filename": name, "split": karpathy_split,
+                 "sentences": sentences, "cocoid": cocoid, "imgid": cocoid - 1}
+            )  # fmt: skip
+    path = root / "dataset_coco.json"
+    path.write_text(json.dumps({"images": entries, "dataset": "coco"}))
+    return {"split_file": path, "image_root": root}
+
+
+def write_flickr(root: Path) -> dict[str, Path]:
+    """Flickr8k layout: Flickr8k.token.txt, per-split image lists, one image folder."""
+    images_dir = root / "Flicker8k_Dataset"
+    images_dir.mkdir(parents=True)
+    lines, paths = [], {"image_dir": images_dir}
+    for split, count in SPLIT_SIZES.items():
+        names = []
+        for index, (image, captions) in enumerate(scenes(split, count)):
+            name = f"{1000 + index}_{split}.jpg"
+            image.save(images_dir / name)
+            names.append(name)
+            lines += [f"{name}#{k}\t{c}" for k, c in enumerate(captions)]
+        listing = root / f"Flickr_8k.{split}Images.txt"
+        listing.write_text("\n".join(names) + "\n")
+        paths[f"{split}_list"] = listing
+    paths["captions_file"] = root / "Flickr8k.token.txt"
+    paths["captions_file"].write_text("\n".join(lines) + "\n")
+    return paths
+
+
+def write_table(root: Path, suffix: str = ".jsonl") -> dict[str, Path]:
+    """Your-own-data files: JSONL records (a list of captions) or CSV rows (one per caption),
+    with image paths relative to the annotation file."""
+    (root / "pics").mkdir(parents=True)
+    paths = {}
+    for split, count in SPLIT_SIZES.items():
+        rows = []
+        for index, (image, captions) in enumerate(scenes(split, count)):
+            name = f"pics/{split}{index}.png"
+            image.save(root / name)
+            rows.append({"image": name, "caption": captions})
+        path = root / f"{split}{suffix}"
+        if suffix == ".jsonl":
+            path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        else:
+            with path.open("w", newline="") as handle:
+                writer = csv.writer(handle)
+                writer.writerow(["image", "caption"])
+                writer.writerows([row["image"], c] for row in rows for c in row["caption"])
+        paths[f"{split}_file"] = path
+    return paths
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def write_shards(root: Path, split: str, shards: int, per_shard: int) -> str:
+    """img2dataset-style shards `{split}-0000N.tar` of jpg + txt + json samples (the json
+    holding every reference); returns the brace pattern naming them."""
+    root.mkdir(parents=True, exist_ok=True)
+    samples = iter(scenes(split, shards * per_shard))
+    for shard in range(shards):
+        members = []
+        for k in range(per_shard):
+            image, captions = next(samples)
+            key = f"{shard:05d}{k:04d}"
+            members += [
+                (f"{key}.jpg", image_bytes(image)),
+                (f"{key}.txt", captions[0].encode()),
+                (f"{key}.json", json.dumps({"caption": captions, "key": key}).encode()),
+            ]
+        write_tar(root / f"{split}-{shard:05d}.tar", members)
+    return str(root / f"{split}-{{00000..{shards - 1:05d}}}.tar")
+
+
+def write_webdataset(root: Path) -> dict[str, str]:
+    return {
+        "train_shards": write_shards(root, "train", 2, 4),
+        "val_shards": write_shards(root, "val", 1, 4),
+        "test_shards": write_shards(root, "test", 1, 4),
+    }

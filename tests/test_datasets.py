@@ -364,3 +364,15 @@ def test_validate_data_reports_every_bad_entry(tmp_path: Path) -> None:
     malformed = run_script("validate_data.py", *args, cwd=tmp_path)
     assert malformed.returncode == 2 and "Traceback" not in malformed.stderr
     assert str(paths["train_json"]) in malformed.stderr
+
+
+def test_train_script_reports_a_bad_image_in_one_line(tmp_path: Path) -> None:
+    paths = write_coco(tmp_path / "data")
+    named = break_first_training_image(paths, "corrupt")
+    result = run_script(
+        "train.py", *data_overrides("coco", paths), *TINY, "data.batch_size=8", "debug=fdr",
+        "data.num_workers=2", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("data error: ") and named in last and "on_bad_sample=skip" in last

@@ -157,6 +157,11 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     tokenizer = Tokenizer.from_dict(contents.tokenizer)
     datamodule.tokenizer = tokenizer  # the vocabulary the model was trained with
     datamodule.preprocess = ImagePreprocess.from_dict(contents.preprocess)
+    if not datamodule.test_splits():
+        raise ConfigError(
+            "the data has no test split to evaluate on: name one (data.test_json, data.test_file, "
+            "data.test_list or data.test_shards), e.g. the validation file."
+        )
     architecture = {k: v for k, v in contents.config.to_dict().items() if k != "vocab_size"}
     model = CaptionerLitModule(
         tokenizer,

@@ -376,3 +376,18 @@ def test_train_script_reports_a_bad_image_in_one_line(tmp_path: Path) -> None:
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("data error: ") and named in last and "on_bad_sample=skip" in last
+
+
+def test_data_without_a_test_split_trains_and_eval_says_what_to_set(tmp_path: Path) -> None:
+    from captioner.tasks import evaluate
+
+    paths = write_coco(tmp_path / "data")
+    del paths["test_json"]
+    cfg = compose_train(*data_overrides("coco", paths), *TINY, "trainer.max_epochs=1",
+                        "trainer.accelerator=cpu", output_dir=tmp_path / "run")  # fmt: skip
+    metrics, objects = train(cfg)
+    assert not any(name.startswith("test") for name in metrics)  # the test was skipped
+    ckpt = objects["trainer"].checkpoint_callback.last_model_path
+    eval_cfg = compose_train(f"ckpt_path={ckpt}", output_dir=tmp_path / "eval", config_name="eval")
+    with pytest.raises(ConfigError, match="data.test_json"):
+        evaluate(eval_cfg)

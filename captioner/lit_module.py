@@ -107,7 +107,10 @@ class CaptionerLitModule(LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         if not batch["image_ids"]:  # every sample in it was bad and skipped
-            return None
+            if self.trainer.world_size == 1:
+                return None  # no step
+            # under DDP every rank must run backward: a zero loss that touches every weight
+            return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
         loss = self.loss(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["tokens"]))
         return loss

@@ -6,7 +6,6 @@ import json
 import logging
 import time
 import warnings
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from captioner.checkpoint import CheckpointContents, load_checkpoint
 from captioner.data import ImagePreprocess, Tokenizer, split_words
-from captioner.data.policy import BadSample
+from captioner.data.policy import BAD, BadSample
 from captioner.errors import ConfigError, DataError
 from captioner.lit_module import CaptionerLitModule
 
@@ -200,7 +199,8 @@ def validate_data(cfg: DictConfig) -> tuple[dict[str, Any], Path]:
     datamodule = _instantiate(node)
     splits: dict[str, dict[str, int]] = {}
     bad: list[BadSample] = []
-    for split, dataset in datamodule.datasets(scan=True).items():
+    for split in datamodule.split_names():
+        dataset = datamodule.dataset(split, scan=True)
         loader = DataLoader(
             dataset, batch_size=64, num_workers=datamodule.num_workers, collate_fn=list
         )
@@ -208,13 +208,13 @@ def validate_data(cfg: DictConfig) -> tuple[dict[str, Any], Path]:
         for samples in loader:
             for sample in samples:
                 counts["samples"] += 1
-                if "bad" in sample:
+                if BAD in sample:
                     counts["bad"] += 1
-                    bad.append(sample["bad"])
+                    bad.append(sample[BAD])
                     continue
                 lengths = (len(split_words(c)) + 2 for c in sample["captions"])  # <bos>, <eos>
                 counts["long_captions"] += sum(n > datamodule.max_len for n in lengths)
     # entries dropped while reading the annotation files come first, as the files list them
     dropped = [BadSample(s, r) for s, r in datamodule.bad_samples.skipped.items()]
-    report = {"splits": splits, "bad": [asdict(b) for b in dropped + bad]}
+    report = {"splits": splits, "bad": [b._asdict() for b in dropped + bad]}
     return report, _write_json(cfg, "report.json", report)

@@ -39,6 +39,6 @@ def test_training_draws_different_references_of_an_image() -> None:
     torch.manual_seed(0)
     dm = ShapesDataModule(image_size=32, num_train=8, batch_size=8, min_objects=3, max_objects=3)
     collate = dm.train_dataloader().collate_fn
-    sample = dm.datasets()["train"][0]
+    sample = dm.split("train")[0]
     drawn = {tuple(collate([sample])["tokens"][0].tolist()) for _ in range(30)}
     assert len(drawn) > 1

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import stat
 import subprocess
 import sys
+import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -119,8 +123,7 @@ def test_epoch_samples_gives_every_rank_the_same_number_of_batches(tmp_path: Pat
     for rank in range(2):
         dm = WebDataModule(train, train, image_size=32, batch_size=2, num_workers=0,
                            min_freq=1, epoch_samples=16)  # fmt: skip
-        dm.setup()
-        dm._datasets["train"].rank, dm._datasets["train"].world_size = rank, 2
+        dm.split("train").rank, dm.split("train").world_size = rank, 2
         loader = dm.train_dataloader()
         counts.append([len(loader), len(list(loader))])
     assert counts == [[4, 4], [4, 4]]  # 16 samples / 2 ranks / batch 2, shards repeated as needed
@@ -154,6 +157,9 @@ def test_vocabulary_is_cached_next_to_the_data_and_rebuilt_when_it_changes(
     train["annotations"][0]["caption"] = "an ostrich"
     paths["train_json"].write_text(json.dumps(train))
     assert "ostrich" in coco_module(paths).tokenizer.stoi  # the data changed: a new key
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(caches[0].stat().st_mode) == 0o666 & ~umask  # others may read it
     assert len(list(tmp_path.glob("captions_train.json.vocab-*.json"))) == 3
     latest = max(tmp_path.glob("captions_train.json.vocab-*.json"), key=lambda p: p.stat().st_mtime)
     expected = coco_module(paths).tokenizer.itos
@@ -391,3 +397,77 @@ def test_data_without_a_test_split_trains_and_eval_says_what_to_set(tmp_path: Pa
     eval_cfg = compose_train(f"ckpt_path={ckpt}", output_dir=tmp_path / "eval", config_name="eval")
     with pytest.raises(ConfigError, match="data.test_json"):
         evaluate(eval_cfg)
+
+
+# --- Multi-process pitfalls ----------------------------------------------------------------
+
+
+def test_a_worker_without_shards_ends_instead_of_spinning(tmp_path: Path) -> None:
+    from captioner.data.shards import ShardStream
+
+    shards = write_shards(tmp_path, "train", 2, 2)
+    stream = ShardStream([shards.replace("{00000..00001}", f"{i:05d}") for i in range(2)],
+                         lambda image: image, shuffle=True, repeat=True)  # fmt: skip
+    stream.rank, stream.world_size = 2, 3  # a third process: no shard is left for it
+    result: list = []
+    thread = threading.Thread(target=lambda: result.append(list(stream)), daemon=True)
+    thread.start()
+    thread.join(timeout=30)
+    assert result == [[]]  # it finished, with nothing, instead of looping forever
+
+
+def test_shards_under_ddp_need_epoch_samples(tmp_path: Path) -> None:
+    from captioner.data import WebDataModule
+
+    shards = write_shards(tmp_path, "train", 2, 2)
+    dm = WebDataModule(shards, shards, image_size=32, num_workers=0, min_freq=1)
+    dm.trainer = SimpleNamespace(global_rank=1, world_size=2, current_epoch=3)
+    with pytest.raises(ConfigError, match="data.epoch_samples"):
+        dm.train_dataloader()
+    assert dm.val_dataloader().epoch == 3  # and a resumed run starts at its own epoch
+
+
+def test_bad_samples_survive_lightning_input_conversion(tmp_path: Path) -> None:
+    from lightning.pytorch.plugins.precision import HalfPrecision
+
+    from captioner.data.policy import BadSample, BadSampleLog
+
+    batch = {"images": torch.zeros(1, 3, 4, 4), "bad_samples": [BadSample("x.jpg", "broken")]}
+    converted = HalfPrecision("bf16-true").convert_input(batch)  # what bf16-true runs do
+    assert converted["images"].dtype == torch.bfloat16
+    with pytest.raises(DataError, match="x.jpg: broken"):
+        BadSampleLog("error").report(converted["bad_samples"])
+
+
+def test_training_crops_keep_at_least_the_minimum_area(monkeypatch: pytest.MonkeyPatch) -> None:
+    from captioner.data import transforms
+
+    sizes = []
+    real = transforms.TF.resized_crop
+
+    def spy(pixels, top, left, height, width, size, antialias):
+        sizes.append((height, width))
+        return real(pixels, top, left, height, width, size, antialias=antialias)
+
+    monkeypatch.setattr(transforms.TF, "resized_crop", spy)
+    augment = TrainAugment(ImagePreprocess((32, 32)), min_area=0.8)
+    for image in (Image.new("RGB", (100, 100)), Image.new("RGB", (300, 60))):
+        for _ in range(200):
+            augment(image)
+        areas = [h * w / (image.height * image.width) for h, w in sizes[-200:]]
+        assert min(areas) >= 0.79 and max(areas) <= 1.0
+
+
+def test_evaluation_needs_the_test_data_only(tmp_path: Path) -> None:
+    from captioner.tasks import evaluate
+
+    paths = write_coco(tmp_path / "data")
+    overrides = (*TINY, "trainer.max_epochs=1", "trainer.accelerator=cpu", "test=false")
+    cfg = compose_train(*data_overrides("coco", paths), *overrides, output_dir=tmp_path / "run")
+    _, objects = train(cfg)
+    ckpt = objects["trainer"].checkpoint_callback.last_model_path
+    for name in ("train_json", "val_json"):  # e.g. evaluating on another machine
+        paths[name].unlink()
+    eval_cfg = compose_train(f"ckpt_path={ckpt}", output_dir=tmp_path / "eval", config_name="eval")
+    metrics, _ = evaluate(eval_cfg)
+    assert metrics["test/CIDEr"] >= 0.0 and metrics["test/loss"] > 0.0

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from captioner.data.policy import BAD
 from captioner.data.tokenizer import Tokenizer
 from captioner.data.transforms import ImagePreprocess
 
@@ -15,7 +16,7 @@ class CaptionCollator:
 
     The batch keeps every reference (for scoring), the split name (for metric prefixes) and,
     when the dataset has it, each image's ground-truth scene. Samples that came back as
-    `{"bad": BadSample}` are left out and listed under `bad_samples`, for the main process to
+    `{BAD: BadSample}` are left out and listed under `bad_samples`, for the main process to
     apply the bad-sample policy; a sample may fix its training caption under `caption`.
     """
 
@@ -31,8 +32,8 @@ class CaptionCollator:
         self.split, self.train = split, train
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
-        bad = [s["bad"] for s in samples if "bad" in s]
-        samples = [s for s in samples if "bad" not in s]
+        bad = [s[BAD] for s in samples if BAD in s]
+        samples = [s for s in samples if BAD not in s]
         references = [s["captions"] for s in samples]
         if self.train:
             picks = torch.randint(0, 1 << 30, (len(samples),)).tolist()

@@ -24,9 +24,11 @@ from captioner.errors import ConfigError
 class CaptionDataModule(LightningDataModule):
     """Loaders for train / val / one or more test splits, and the training vocabulary.
 
-    Subclasses provide `datasets()` (split name -> Dataset; names starting with "test" are test
-    sets), `training_captions()` and `preprocess`, the image preprocessing that checkpoints keep;
-    `vocab_cache_file()` when the vocabulary is worth caching. Bad samples reach the main
+    Subclasses provide `split_names()` (from the config alone; names starting with "test" are
+    test sets), `dataset(split)`, `training_captions()` and `preprocess`, the image
+    preprocessing that checkpoints keep; `vocab_cache_file()` when the vocabulary is worth
+    caching. A split's data is read only when its loader is asked for, so evaluating a
+    checkpoint needs its test data, not the training data. Bad samples reach the main
     process in each batch and go to `bad_samples`, which applies `data.on_bad_sample`.
     """
 
@@ -53,11 +55,15 @@ class CaptionDataModule(LightningDataModule):
         self.max_len, self.min_freq, self.pin_memory = max_len, min_freq, pin_memory
         self.bad_samples = BadSampleLog(on_bad_sample)
         self._tokenizer: Tokenizer | None = None
-        self._datasets: dict[str, Dataset] | None = None
+        self._datasets: dict[str, Dataset] = {}
 
-    def datasets(self, scan: bool = False) -> dict[str, Dataset]:
-        """Split name -> Dataset; `scan`: every sample once, in order, images decoded but not
-        kept (what `scripts/validate_data.py` reads)."""
+    def split_names(self) -> list[str]:
+        """The splits this config names, without reading any data."""
+        raise NotImplementedError
+
+    def dataset(self, split: str, scan: bool = False) -> Dataset:
+        """One split; `scan`: every sample once, in order, images decoded but not kept (what
+        `scripts/validate_data.py` reads)."""
         raise NotImplementedError
 
     def image_transform(self, split: str, scan: bool) -> Callable[[Image.Image], Any]:
@@ -90,10 +96,6 @@ class CaptionDataModule(LightningDataModule):
         """Use a checkpoint's vocabulary instead of building one (evaluation, resuming)."""
         self._tokenizer = tokenizer
 
-    def setup(self, stage: str | None = None) -> None:
-        if self._datasets is None:
-            self._datasets = self.datasets()
-
     def transfer_batch_to_device(
         self, batch: dict[str, Any], device: torch.device, dataloader_idx: int
     ) -> dict[str, Any]:
@@ -105,11 +107,15 @@ class CaptionDataModule(LightningDataModule):
     def collator(self, split: str, train: bool) -> CaptionCollator:
         return CaptionCollator(self.tokenizer, self.preprocess, self.max_len, split, train)
 
+    def split(self, name: str) -> Dataset:
+        """The split's dataset, built on first use."""
+        if name not in self._datasets:
+            self._datasets[name] = self.dataset(name)
+        return self._datasets[name]
+
     def _loader(self, split: str, train: bool) -> DataLoader:
-        self.setup()
-        assert self._datasets is not None
         return DataLoader(
-            self._datasets[split],
+            self.split(split),
             batch_size=self.batch_size,
             shuffle=train,
             drop_last=train,
@@ -126,10 +132,8 @@ class CaptionDataModule(LightningDataModule):
         return self._loader("val", train=False)
 
     def test_splits(self) -> list[str]:
-        """The splits tested after training: every dataset whose name starts with "test"."""
-        self.setup()
-        assert self._datasets is not None
-        return [name for name in self._datasets if name.startswith("test")]
+        """The splits tested after training: every split whose name starts with "test"."""
+        return [name for name in self.split_names() if name.startswith("test")]
 
     def test_dataloader(self) -> list[DataLoader]:
         return [self._loader(name, train=False) for name in self.test_splits()]
@@ -192,8 +196,11 @@ class ShapesDataModule(CaptionDataModule):
         if self.world.holdout:
             self.sizes["test_comp"] = num_test
 
-    def datasets(self, scan: bool = False) -> dict[str, Dataset]:
-        return {split: ShapesDataset(self.world, split, n) for split, n in self.sizes.items()}
+    def split_names(self) -> list[str]:
+        return list(self.sizes)
+
+    def dataset(self, split: str, scan: bool = False) -> Dataset:
+        return ShapesDataset(self.world, split, self.sizes[split])
 
     def training_captions(self) -> Iterable[str]:
         for index in range(self.sizes["train"]):

@@ -17,7 +17,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from captioner.data.datamodule import ImageDataModule
-from captioner.data.policy import BadSample
+from captioner.data.policy import BAD, BadSample
 from captioner.data.records import Record, read_coco, read_flickr, read_karpathy, read_table
 from captioner.data.tokenizer import tokenizer_settings
 from captioner.data.transforms import load_image
@@ -59,7 +59,7 @@ class ImageCaptionDataset(Dataset):
         try:
             pixels = self.transform(load_image(record.image))
         except ImageLoadError as err:
-            return {"bad": BadSample(err.source, err.reason)}
+            return {BAD: BadSample(err.source, err.reason)}
         sample = {"image": pixels, "captions": list(record.captions), "image_id": record.image_id}
         if caption is not None:
             sample["caption"] = record.captions[caption]
@@ -72,6 +72,7 @@ class FileCaptionDataModule(ImageDataModule):
     """
 
     image_key = "data.image_dir"
+    sources: dict[str, Any]  # split -> what names its data (a file, a split list); None: absent
 
     def __init__(self, train_captions: str = "one", **common: Any) -> None:
         super().__init__(**common)
@@ -84,21 +85,18 @@ class FileCaptionDataModule(ImageDataModule):
         self.every_caption = train_captions == "all"
         self._records: dict[str, list[Record]] = {}
 
-    def read(self, split: str) -> tuple[list[Record], list[BadSample]] | None:
-        """The split's records and the bad entries dropped while reading; None: no such split."""
+    def read(self, split: str) -> tuple[list[Record], list[BadSample]]:
+        """The split's records (from `sources[split]`) and the entries dropped reading them."""
         raise NotImplementedError
 
     def training_sources(self) -> list[Path]:
         """The annotation files that decide the training captions (the vocabulary's key)."""
         raise NotImplementedError
 
-    def records(self, split: str) -> list[Record] | None:
+    def records(self, split: str) -> list[Record]:
         """Read once; the dropped entries go through the bad-sample policy right away."""
         if split not in self._records:
-            result = self.read(split)
-            if result is None:
-                return None
-            records, bad = result
+            records, bad = self.read(split)
             self.bad_samples.report(bad)
             if not records:
                 raise DataError(f"the {split} split has no usable images and captions.")
@@ -115,22 +113,23 @@ class FileCaptionDataModule(ImageDataModule):
                 f"{sample[0]}): check {self.image_key}."
             )
 
-    def datasets(self, scan: bool = False) -> dict[str, Dataset]:
-        out: dict[str, Dataset] = {}
-        for split in ("train", "val", "test"):
-            records = self.records(split)
-            if records is not None:
-                every_caption = split == "train" and self.every_caption and not scan
-                transform = self.image_transform(split, scan)
-                out[split] = ImageCaptionDataset(records, transform, every_caption)
-        return out
+    def split_names(self) -> list[str]:
+        return [split for split, source in self.sources.items() if source is not None]
+
+    def dataset(self, split: str, scan: bool = False) -> Dataset:
+        records = self.records(split)
+        every_caption = split == "train" and self.every_caption and not scan
+        return ImageCaptionDataset(records, self.image_transform(split, scan), every_caption)
 
     def training_captions(self) -> Iterable[str]:
-        for record in self.records("train") or ():
+        for record in self.records("train"):
             yield from record.captions
 
     def vocab_cache_file(self) -> Path | None:
         sources = self.training_sources()
+        for path in sources:
+            if not path.is_file():
+                raise DataError(f"{path}: no such file; check the training annotation keys.")
         key = data_key(sources, self.vocab_settings(), read_contents=True)
         return sources[0].with_name(f"{sources[0].name}.vocab-{key}.json")
 
@@ -152,14 +151,13 @@ class CocoDataModule(FileCaptionDataModule):
     ) -> None:
         super().__init__(**common)
         self.image_dir = Path(image_dir)
-        self.files = {"train": train_json, "val": val_json, "test": test_json}
+        self.sources = {"train": train_json, "val": val_json, "test": test_json}
 
-    def read(self, split: str) -> tuple[list[Record], list[BadSample]] | None:
-        path = self.files[split]
-        return None if path is None else read_coco(path, self.image_dir, self.bad_samples.policy)
+    def read(self, split: str) -> tuple[list[Record], list[BadSample]]:
+        return read_coco(self.sources[split], self.image_dir, self.bad_samples.policy)
 
     def training_sources(self) -> list[Path]:
-        return [Path(self.files["train"])]
+        return [Path(self.sources["train"])]
 
 
 class KarpathySplitDataModule(FileCaptionDataModule):
@@ -177,17 +175,17 @@ class KarpathySplitDataModule(FileCaptionDataModule):
     ) -> None:
         super().__init__(**common)
         self.split_file, self.image_root = Path(split_file), Path(image_root)
-        self.splits = {"train": list(train_splits), "val": ["val"], "test": ["test"]}
+        self.sources = {"train": list(train_splits), "val": ["val"], "test": ["test"]}
 
     def read(self, split: str) -> tuple[list[Record], list[BadSample]]:
         policy = self.bad_samples.policy
-        return read_karpathy(self.split_file, self.image_root, self.splits[split], policy)
+        return read_karpathy(self.split_file, self.image_root, self.sources[split], policy)
 
     def training_sources(self) -> list[Path]:
         return [self.split_file]
 
     def vocab_settings(self) -> dict[str, Any]:
-        return {**super().vocab_settings(), "train_splits": self.splits["train"]}
+        return {**super().vocab_settings(), "train_splits": self.sources["train"]}
 
 
 class FlickrDataModule(FileCaptionDataModule):
@@ -206,16 +204,14 @@ class FlickrDataModule(FileCaptionDataModule):
     ) -> None:
         super().__init__(**common)
         self.captions_file, self.image_dir = Path(captions_file), Path(image_dir)
-        self.lists = {"train": train_list, "val": val_list, "test": test_list}
+        self.sources = {"train": train_list, "val": val_list, "test": test_list}
 
-    def read(self, split: str) -> tuple[list[Record], list[BadSample]] | None:
-        names = self.lists[split]
-        if names is None:
-            return None
+    def read(self, split: str) -> tuple[list[Record], list[BadSample]]:
+        names = self.sources[split]
         return read_flickr(self.captions_file, self.image_dir, names, self.bad_samples.policy)
 
     def training_sources(self) -> list[Path]:
-        return [self.captions_file, Path(self.lists["train"])]
+        return [self.captions_file, Path(self.sources["train"])]
 
 
 class TableDataModule(FileCaptionDataModule):
@@ -233,12 +229,11 @@ class TableDataModule(FileCaptionDataModule):
         **common: Any,
     ) -> None:
         super().__init__(**common)
-        self.files = {"train": train_file, "val": val_file, "test": test_file}
+        self.sources = {"train": train_file, "val": val_file, "test": test_file}
         self.image_root = image_root
 
-    def read(self, split: str) -> tuple[list[Record], list[BadSample]] | None:
-        path = self.files[split]
-        return None if path is None else read_table(path, self.image_root, self.bad_samples.policy)
+    def read(self, split: str) -> tuple[list[Record], list[BadSample]]:
+        return read_table(self.sources[split], self.image_root, self.bad_samples.policy)
 
     def training_sources(self) -> list[Path]:
-        return [Path(self.files["train"])]
+        return [Path(self.sources["train"])]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from captioner.errors import ConfigError, DataError
 
@@ -19,9 +19,15 @@ log = logging.getLogger(__name__)
 POLICIES = ("skip", "error")
 
 
-@dataclass(frozen=True)
-class BadSample:
-    """One unusable entry: `source` is a file, `file:line`, `file[key]` or `shard/key`."""
+BAD = "__bad__"  # the key under which a worker hands over a BadSample instead of a sample
+
+
+class BadSample(NamedTuple):
+    """One unusable entry: `source` is a file, `file:line`, `file[key]` or `shard/key`.
+
+    A named tuple, so it rides in a batch through Lightning's input conversion (which rejects
+    frozen dataclasses) and across worker processes.
+    """
 
     source: str
     reason: str

@@ -25,7 +25,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from captioner.data.datamodule import ImageDataModule
-from captioner.data.policy import BadSample
+from captioner.data.policy import BAD, BadSample
 from captioner.data.tokenizer import tokenizer_settings
 from captioner.data.transforms import load_image
 from captioner.data.vocab_cache import data_key
@@ -37,11 +37,16 @@ REMOTE_PREFIXES = ("http://", "https://", "pipe:", "s3://", "gs://")
 
 
 def expand_shards(spec: str | Sequence[str], key: str) -> list[str]:
-    """Brace-expanded shard paths or URLs; local files are checked to exist now."""
+    """Brace-expanded shard paths or URLs."""
     patterns = [spec] if isinstance(spec, str) else list(spec)
     shards = [shard for pattern in patterns for shard in braceexpand.braceexpand(pattern)]
     if not shards:
         raise ConfigError(f"{key} names no shards: give a path like 'data/{{00000..00099}}.tar'.")
+    return shards
+
+
+def check_shards(shards: Sequence[str], key: str) -> None:
+    """Local shards must exist (remote ones are found out when read)."""
     local = [s for s in shards if not s.startswith(REMOTE_PREFIXES)]
     missing = [s for s in local if not Path(s.removeprefix("file:")).is_file()]
     if missing:
@@ -49,7 +54,6 @@ def expand_shards(spec: str | Sequence[str], key: str) -> list[str]:
             f"{len(missing)} of the {len(shards)} shards in {key} do not exist, e.g. "
             f"{missing[0]}: check the path and the brace range."
         )
-    return shards
 
 
 def assign_shards(
@@ -82,18 +86,18 @@ def sample_captions(raw: dict[str, Any]) -> list[str] | BadSample:
 def decode_sample(
     raw: dict[str, Any], transform: Callable[[Image.Image], torch.Tensor]
 ) -> dict[str, Any]:
-    """A tar sample's bytes -> our sample, or `{"bad": BadSample}` naming shard and key."""
+    """A tar sample's bytes -> our sample, or `{BAD: BadSample}` naming shard and key."""
     source = f"{raw.get('__url__', '?')}/{raw.get('__key__', '?')}"
     image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in raw), None)
     if image_ext is None:
-        return {"bad": BadSample(source, f"no image (.{'/.'.join(IMAGE_EXTENSIONS)}) in sample")}
+        return {BAD: BadSample(source, f"no image (.{'/.'.join(IMAGE_EXTENSIONS)}) in sample")}
     captions = sample_captions(raw)
     if isinstance(captions, BadSample):
-        return {"bad": captions}
+        return {BAD: captions}
     try:
         pixels = transform(load_image(raw[image_ext], name=f"{source}.{image_ext}"))
     except ImageLoadError as err:
-        return {"bad": BadSample(err.source, err.reason)}
+        return {BAD: BadSample(err.source, err.reason)}
     return {"image": pixels, "captions": captions, "image_id": raw["__key__"]}
 
 
@@ -109,11 +113,12 @@ class ShardStream(IterableDataset):
         self,
         shards: Sequence[str],
         transform: Callable[[Image.Image], torch.Tensor],
+        shuffle: bool = False,
         shuffle_buffer: int = 0,
         seed: int = 0,
         repeat: bool = False,
     ) -> None:
-        self.shards, self.transform = list(shards), transform
+        self.shards, self.transform, self.shuffle = list(shards), transform, shuffle
         self.shuffle_buffer, self.seed, self.repeat = shuffle_buffer, seed, repeat
         self.rank, self.world_size, self.epoch = 0, 1, 0
 
@@ -123,17 +128,19 @@ class ShardStream(IterableDataset):
         epoch = self.epoch
         while True:
             shards = list(self.shards)
-            if self.shuffle_buffer:
+            if self.shuffle:
                 random.Random(f"{self.seed}/{epoch}").shuffle(shards)
             mine = assign_shards(shards, self.rank, self.world_size, worker, num_workers)
+            if not mine:  # more workers than shards: this one has nothing to read, ever
+                return
             samples = read_shards(mine)
-            if self.shuffle_buffer:
+            if self.shuffle and self.shuffle_buffer > 1:
                 rng = random.Random(f"{self.seed}/{epoch}/{self.rank}/{worker}")
                 samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(
                     samples
                 )
             for raw in samples:
-                yield raw if "bad" in raw else decode_sample(raw, self.transform)
+                yield raw if BAD in raw else decode_sample(raw, self.transform)
             if not self.repeat:
                 return
             epoch += 1
@@ -143,7 +150,7 @@ def read_shards(
     shards: Sequence[str], select_files: Callable[[str], bool] | None = None
 ) -> Iterator[dict[str, Any]]:
     """Raw samples from tar files, one shard at a time; a shard that cannot be opened or is
-    cut short yields one `{"bad": ...}` entry naming it (its first error: the rest follow from
+    cut short yields one `{BAD: ...}` entry naming it (its first error: the rest follow from
     it), and its readable samples still come through."""
     for shard in shards:
         errors: list[Exception] = []
@@ -160,7 +167,7 @@ def read_shards(
             if errors and not reported:
                 reported = True
                 reason = f"unreadable or cut-short shard ({_why(errors[0])})"
-                yield {"bad": BadSample(shard, reason)}
+                yield {BAD: BadSample(shard, reason)}
             if raw is not None:
                 yield raw
 
@@ -172,11 +179,11 @@ class EpochLoader(DataLoader):
     def __init__(self, dataset: ShardStream, num_batches: int | None = None, **kwargs: Any):
         super().__init__(dataset, **kwargs)
         self.num_batches = num_batches
-        self._epochs = 0
+        self.epoch = 0  # of the next pass; a resumed run starts at its own epoch
 
     def __iter__(self) -> Iterator[Any]:
-        self.dataset.epoch = self._epochs  # workers get a fresh copy of the dataset each epoch
-        self._epochs += 1
+        self.dataset.epoch = self.epoch  # workers get a fresh copy of the dataset each epoch
+        self.epoch += 1
         return islice(super().__iter__(), self.num_batches)
 
     def __len__(self) -> int:
@@ -214,26 +221,32 @@ class WebDataModule(ImageDataModule):
         self.shuffle_buffer, self.epoch_samples = shuffle_buffer, epoch_samples
         self.vocab_shards, self.seed = vocab_shards, seed
 
-    def datasets(self, scan: bool = False) -> dict[str, Dataset]:
-        out: dict[str, Dataset] = {}
-        for split, shards in self.shards.items():
-            train = split == "train" and not scan
-            out[split] = ShardStream(
-                shards,
-                self.image_transform(split, scan),
-                shuffle_buffer=self.shuffle_buffer if train else 0,
-                seed=self.seed,
-                repeat=train and bool(self.epoch_samples),
-            )
-        return out
+    def split_names(self) -> list[str]:
+        return list(self.shards)
+
+    def dataset(self, split: str, scan: bool = False) -> Dataset:
+        check_shards(self.shards[split], f"data.{split}_shards")
+        train = split == "train" and not scan
+        return ShardStream(
+            self.shards[split],
+            self.image_transform(split, scan),
+            shuffle=train,
+            shuffle_buffer=self.shuffle_buffer,
+            seed=self.seed,
+            repeat=train and bool(self.epoch_samples),
+        )
 
     def _loader(self, split: str, train: bool) -> DataLoader:
-        self.setup()
-        assert self._datasets is not None
-        stream = self._datasets[split]
+        stream = self.split(split)
         assert isinstance(stream, ShardStream)
         if self.trainer is not None:  # under DDP: this process's share of the shards
             stream.rank, stream.world_size = self.trainer.global_rank, self.trainer.world_size
+        if train and stream.world_size > 1 and not self.epoch_samples:
+            raise ConfigError(
+                "training on shards with several processes needs data.epoch_samples: without "
+                "it ranks read different numbers of samples and the first to finish waits "
+                "forever for the others."
+            )
         if len(stream.shards) < stream.world_size:
             raise ConfigError(
                 f"data.{split}_shards has {len(stream.shards)} shards for {stream.world_size} "
@@ -242,7 +255,7 @@ class WebDataModule(ImageDataModule):
         num_batches = None
         if train and self.epoch_samples:
             num_batches = max(1, self.epoch_samples // (stream.world_size * self.batch_size))
-        return EpochLoader(
+        loader = EpochLoader(
             stream,
             num_batches,
             batch_size=self.batch_size,
@@ -251,16 +264,19 @@ class WebDataModule(ImageDataModule):
             pin_memory=self.pin_memory,
             collate_fn=self.collator(split, train),
         )
+        loader.epoch = self.trainer.current_epoch if self.trainer is not None else 0  # resumes
+        return loader
 
     def training_captions(self) -> Iterator[str]:
         shards = self.shards["train"][: self.vocab_shards]
         for raw in read_shards(shards, select_files=_is_caption_file):
-            captions = [] if "bad" in raw else sample_captions(raw)
+            captions = [] if BAD in raw else sample_captions(raw)
             if isinstance(captions, list):  # bad ones are reported when training reads them
                 yield from captions
 
     def vocab_cache_file(self) -> Path | None:
         shards = self.shards["train"][: self.vocab_shards]
+        check_shards(shards, "data.train_shards")
         local = [Path(s.removeprefix("file:")) for s in shards if not s.startswith(REMOTE_PREFIXES)]
         if len(local) < len(shards):
             return None  # remote shards: no folder of ours to cache into

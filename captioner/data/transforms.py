@@ -159,8 +159,12 @@ class TrainAugment:
         area = torch.empty(()).uniform_(self.min_area, 1.0).item()
         log_change = math.log(self.max_aspect_change)
         aspect = math.exp(torch.empty(()).uniform_(-log_change, log_change).item())
-        crop_h = min(height, max(1, round(height * math.sqrt(area / aspect))))
-        crop_w = min(width, max(1, round(width * math.sqrt(area * aspect))))
+        crop_h = max(1, round(height * math.sqrt(area / aspect)))
+        crop_w = max(1, round(width * math.sqrt(area * aspect)))
+        if crop_h > height:  # too tall for the image: keep the area, give up the aspect change
+            crop_h, crop_w = height, max(1, round(width * area))
+        elif crop_w > width:
+            crop_h, crop_w = max(1, round(height * area)), width
         top = int(torch.randint(0, height - crop_h + 1, ()).item())
         left = int(torch.randint(0, width - crop_w + 1, ()).item())
         size = list(self.preprocess.image_size)

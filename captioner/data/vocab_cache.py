@@ -50,18 +50,24 @@ def cached_tokenizer(build: Callable[[], Tokenizer], cache_file: Path) -> Tokeni
     if cache_file.is_file():
         try:
             tokenizer = Tokenizer.from_dict(json.loads(cache_file.read_text()))
-        except (ValueError, KeyError, TypeError) as err:
+        except (OSError, ValueError, KeyError, TypeError) as err:
             log.warning("ignoring unreadable vocabulary cache %s (%s): rebuilding", cache_file, err)
         else:
             log.info("vocabulary of %d words read from %s", len(tokenizer), cache_file)
             return tokenizer
     tokenizer = build()
+    tmp = None
     try:  # write then rename, so a concurrent reader never sees half a file
         fd, tmp = tempfile.mkstemp(dir=cache_file.parent, prefix=cache_file.name, suffix=".tmp")
         with os.fdopen(fd, "w") as handle:
             json.dump(tokenizer.to_dict(), handle)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # readable by whoever shares the data, as files usually are
         os.replace(tmp, cache_file)
         log.info("vocabulary of %d words cached in %s", len(tokenizer), cache_file)
     except OSError as err:
         log.warning("could not cache the vocabulary next to the data (%s): continuing", err)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
     return tokenizer

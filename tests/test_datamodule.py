@@ -42,3 +42,16 @@ def test_training_draws_different_references_of_an_image() -> None:
     sample = dm.split("train")[0]
     drawn = {tuple(collate([sample])["tokens"][0].tolist()) for _ in range(30)}
     assert len(drawn) > 1
+
+
+def test_batches_survive_lightning_input_conversion() -> None:
+    """`precision=bf16-true` converts every tensor of a batch and refuses frozen dataclasses."""
+    from lightning.pytorch.plugins.precision import HalfPrecision
+
+    dm = ShapesDataModule(image_size=32, num_train=8, num_val=4, num_test=4, batch_size=4)
+    batch = HalfPrecision("bf16-true").convert_input(next(iter(dm.val_dataloader())))
+    assert batch["images"].dtype == torch.bfloat16
+    assert [
+        scene.captions[0] in refs
+        for scene, refs in zip(batch["scenes"], batch["references"], strict=True)
+    ] == [True] * 4

@@ -182,6 +182,12 @@ def exif_rotated_jpeg(path: Path) -> None:
     stored.save(path, exif=exif, quality=95)
 
 
+def transparent_key(image: Image.Image) -> Image.Image:
+    """An RGB PNG whose black is marked transparent (a tRNS colour key)."""
+    image.info["transparency"] = (0, 0, 0)
+    return image
+
+
 @pytest.mark.parametrize(
     "mode, make, expected",
     [
@@ -191,6 +197,7 @@ def exif_rotated_jpeg(path: Path) -> None:
         ("LA", lambda: Image.new("LA", (8, 8), (0, 128)), (128, 128, 128)),
         ("CMYK", lambda: Image.new("CMYK", (8, 8), (0, 255, 255, 0)), (255, 0, 0)),
         ("I;16", lambda: Image.fromarray(np.full((8, 8), 51400, np.uint16)), (200, 200, 200)),
+        ("RGB", lambda: transparent_key(Image.new("RGB", (8, 8), (0, 0, 0))), (255, 255, 255)),
     ],
 )
 def test_images_in_every_pixel_format_load_as_what_they_show(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -9,6 +10,20 @@ import torch
 from captioner.data.policy import BAD
 from captioner.data.tokenizer import Tokenizer
 from captioner.data.transforms import ImagePreprocess
+
+
+class Opaque:
+    """A list Lightning's batch handling does not walk into: the ground-truth scenes are frozen
+    dataclasses, which its input conversion (e.g. `precision=bf16-true`) refuses."""
+
+    def __init__(self, items: list[Any]) -> None:
+        self.items = items
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
 
 
 class CaptionCollator:
@@ -61,5 +76,5 @@ class CaptionCollator:
             "bad_samples": bad,
         }
         if samples and "scene" in samples[0]:
-            batch["scenes"] = [s["scene"] for s in samples]
+            batch["scenes"] = Opaque([s["scene"] for s in samples])
         return batch

@@ -55,7 +55,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     whatever colour they happen to store; here 16-bit data is rescaled and transparency is
     composited over a white background.
     """
-    if image.mode == "RGB":
+    if image.mode == "RGB" and "transparency" not in image.info:
         return image
     if image.mode.startswith("I") or image.mode == "F":  # 16/32-bit integer or float grey
         values = np.asarray(image, dtype=np.float64)

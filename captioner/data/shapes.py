@@ -87,13 +87,19 @@ class ParsedCaption:
 
     objects: tuple[tuple[str | None, str | None, str], ...]
     relations: tuple[tuple[int, str, int], ...]
+    spans: tuple[tuple[int, int], ...] = ()  # each object's words: words[start:end]
 
 
 def parse_caption(text: str) -> ParsedCaption | None:
     """Read a caption back into objects and relations; None if it is not in the grammar."""
-    words = split_words(text)
+    return parse_words(split_words(text))
+
+
+def parse_words(words: list[str]) -> ParsedCaption | None:
+    """`parse_caption` on words already split (a caption's tokens)."""
     objects: list[tuple[str | None, str | None, str]] = []
     relations: list[tuple[int, str, int]] = []
+    spans: list[tuple[int, int]] = []
     pending: str | None = None
     i = 0
     while i < len(words):
@@ -109,6 +115,7 @@ def parse_caption(text: str) -> ParsedCaption | None:
         if words[i] in _FILLER:
             i += 1
             continue
+        start = i
         size = words[i] if words[i] in SIZES else None
         i += size is not None
         colour = words[i] if i < len(words) and words[i] in COLOURS else None
@@ -121,10 +128,11 @@ def parse_caption(text: str) -> ParsedCaption | None:
             relations.append((len(objects) - 1, pending, len(objects)))
             pending = None
         objects.append((size, colour, words[i]))
+        spans.append((start, i + 1))
         i += 1
     if pending is not None or not objects:
         return None
-    return ParsedCaption(tuple(objects), tuple(relations))
+    return ParsedCaption(tuple(objects), tuple(relations), tuple(spans))
 
 
 @dataclass(frozen=True)
@@ -135,6 +143,24 @@ class Scene:
     captions: tuple[str, ...]
     # alignments[k][w] is the index of the object that word w of captions[k] names, or -1
     alignments: tuple[tuple[int, ...], ...] = field(repr=False)
+
+    def align(self, words: list[str]) -> list[int]:
+        """For each word of a (generated) caption, the index of the object it names, or -1.
+
+        A phrase names an object when its size, colour and shape (those it states) fit exactly
+        one object of the scene; words of phrases that fit none, or several, stay -1, and so do
+        all words of a caption outside the grammar.
+        """
+        out = [-1] * len(words)
+        parsed = parse_words(words) or ParsedCaption((), ())
+        for attributes, (start, end) in zip(parsed.objects, parsed.spans, strict=True):
+            fits = [
+                k for k, obj in enumerate(self.objects)
+                if all(a in (None, b) for a, b in zip(attributes, obj.attributes, strict=True))
+            ]  # fmt: skip
+            if len(fits) == 1:
+                out[start:end] = [fits[0]] * (end - start)
+        return out
 
     def caption_is_correct(self, text: str) -> bool:
         """All objects named exactly once with the right attributes, and every relation true."""

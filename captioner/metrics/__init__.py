@@ -1,5 +1,6 @@
-"""Caption-quality metrics."""
+"""Caption-quality and grounding metrics."""
 
 from captioner.metrics.coco import caption_scores
+from captioner.metrics.grounding import GroundingMeter, box_coverage
 
-__all__ = ["caption_scores"]
+__all__ = ["GroundingMeter", "box_coverage", "caption_scores"]

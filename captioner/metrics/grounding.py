@@ -1,0 +1,85 @@
+"""Grounding: does the word that names an object look at that object?
+
+For every generated word aligned to an object of the ground truth, two scores per attention
+view (each layer and head, each layer's mean over heads, and the mean over everything):
+pointing accuracy, whether the centre of the patch with the most cross-attention lies inside
+the object's box, and attention mass, the share of the word's attention that falls on the box
+(each patch counted by the fraction of its area the box covers). The attention of a word is
+the one its decoding step used, i.e. the row that predicted it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def box_coverage(
+    box: Sequence[int], grid: tuple[int, int], patch_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per patch of the grid: the fraction of its area inside `box` (x0, y0, x1, y1 pixels,
+    x1/y1 exclusive), and whether its centre lies inside."""
+    x0, y0, x1, y1 = box
+    edges = [torch.arange(n + 1, dtype=torch.float64) * patch_size for n in grid]  # rows, cols
+    rows = (edges[0][1:].clamp(y0, y1) - edges[0][:-1].clamp(y0, y1)) / patch_size  # (gh,)
+    cols = (edges[1][1:].clamp(x0, x1) - edges[1][:-1].clamp(x0, x1)) / patch_size  # (gw,)
+    centres = [(e[1:] + e[:-1]) / 2 for e in edges]
+    inside_rows = (centres[0] >= y0) & (centres[0] < y1)
+    inside_cols = (centres[1] >= x0) & (centres[1] < x1)
+    return rows[:, None] * cols[None, :], inside_rows[:, None] & inside_cols[None, :]
+
+
+class GroundingMeter:
+    """Accumulates pointing hits and attention mass over captions, per attention view."""
+
+    def __init__(self, patch_size: int) -> None:
+        self.patch_size = patch_size
+        self.words = 0
+        self.hits: torch.Tensor | None = None  # (L + 1, H + 1): heads then the head mean
+        self.mass: torch.Tensor | None = None  # last row: the mean over layers
+
+    def update(
+        self, attention: torch.Tensor, alignment: Sequence[int], boxes: Sequence[Sequence[int]]
+    ) -> None:
+        """One caption: `attention` (L, H, T, grid_h, grid_w) for its T tokens, `alignment[t]`
+        the object token t names (or -1), `boxes[k]` object k's pixel box."""
+        layers, heads, _, grid_h, grid_w = attention.shape
+        if self.hits is None:
+            self.hits = torch.zeros(layers + 1, heads + 1, dtype=torch.float64)
+            self.mass = torch.zeros(layers + 1, heads + 1, dtype=torch.float64)
+        views = attention.double()
+        views = torch.cat([views, views.mean(1, keepdim=True)], 1)  # (L, H+1, T, gh, gw)
+        views = torch.cat([views, views.mean(0, keepdim=True)], 0)  # (L+1, H+1, T, gh, gw)
+        for t, k in enumerate(alignment):
+            if k < 0 or t >= views.shape[2]:
+                continue
+            coverage, inside = box_coverage(boxes[k], (grid_h, grid_w), self.patch_size)
+            word = views[:, :, t].flatten(2)  # (L+1, H+1, patches)
+            best = word.argmax(-1)  # (L+1, H+1)
+            self.hits += inside.flatten()[best].double()
+            self.mass += (word * coverage.flatten()).sum(-1) / word.sum(-1)
+            self.words += 1
+
+    def compute(self) -> dict[str, float]:
+        """Flat metrics: `grounding/pointing_acc` is the best layer's head mean (its index in
+        `grounding/best_layer`); every layer, head and mean has its own key."""
+        if self.hits is None or not self.words:
+            return {"grounding/words": 0.0}
+        hits, mass = self.hits / self.words, self.mass / self.words
+        layers, heads = hits.shape[0] - 1, hits.shape[1] - 1
+        best = int(hits[:layers, heads].argmax())
+        out = {
+            "grounding/pointing_acc": float(hits[best, heads]),
+            "grounding/mass": float(mass[best, heads]),
+            "grounding/best_layer": float(best),
+            "grounding/words": float(self.words),
+            "grounding/pointing_acc/mean": float(hits[layers, heads]),
+            "grounding/mass/mean": float(mass[layers, heads]),
+        }
+        for layer in range(layers):
+            for head in range(heads + 1):
+                name = f"layer{layer}" + (f"_head{head}" if head < heads else "")
+                out[f"grounding/pointing_acc/{name}"] = float(hits[layer, head])
+                out[f"grounding/mass/{name}"] = float(mass[layer, head])
+        return out

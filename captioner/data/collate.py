@@ -59,14 +59,13 @@ class CaptionCollator:
         else:
             captions = [refs[0] for refs in references]
         ids = [self.tokenizer.encode(c, self.max_len) for c in captions]
-        height, width = self.preprocess.image_size
         tokens = torch.full((len(ids), max(map(len, ids), default=2)), self.tokenizer.pad_id)
         for row, seq in enumerate(ids):
             tokens[row, : len(seq)] = torch.tensor(seq)
         if samples:
             images = torch.stack([s["image"] for s in samples])  # (B, 3, H, W)
         else:  # every sample was bad: an empty batch, which the model skips
-            images = torch.zeros(0, 3, height, width, dtype=torch.uint8)
+            images = torch.zeros(0, 3, *self.preprocess.image_size, dtype=torch.uint8)
         batch = {
             "images": self.preprocess.normalize(images),
             "tokens": tokens,  # (B, T): <bos> words <eos> <pad>...

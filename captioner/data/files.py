@@ -7,7 +7,6 @@ start-up are shared here.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,8 +22,6 @@ from captioner.data.tokenizer import tokenizer_settings
 from captioner.data.transforms import load_image
 from captioner.data.vocab_cache import data_key
 from captioner.errors import ConfigError, DataError, ImageLoadError
-
-log = logging.getLogger(__name__)
 
 TRAIN_CAPTIONS = ("one", "all")
 CHECKED_IMAGES = 16  # images stat'ed at start-up to catch a wrong image folder
@@ -91,7 +88,7 @@ class FileCaptionDataModule(ImageDataModule):
 
     def training_sources(self) -> list[Path]:
         """The annotation files that decide the training captions (the vocabulary's key)."""
-        raise NotImplementedError
+        return [Path(self.sources["train"])]
 
     def records(self, split: str) -> list[Record]:
         """Read once; the dropped entries go through the bad-sample policy right away."""
@@ -155,9 +152,6 @@ class CocoDataModule(FileCaptionDataModule):
 
     def read(self, split: str) -> tuple[list[Record], list[BadSample]]:
         return read_coco(self.sources[split], self.image_dir, self.bad_samples.policy)
-
-    def training_sources(self) -> list[Path]:
-        return [Path(self.sources["train"])]
 
 
 class KarpathySplitDataModule(FileCaptionDataModule):
@@ -234,6 +228,3 @@ class TableDataModule(FileCaptionDataModule):
 
     def read(self, split: str) -> tuple[list[Record], list[BadSample]]:
         return read_table(self.sources[split], self.image_root, self.bad_samples.policy)
-
-    def training_sources(self) -> list[Path]:
-        return [Path(self.sources["train"])]

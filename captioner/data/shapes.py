@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import Dataset
 
 from captioner.data.tokenizer import split_words
+from captioner.data.transforms import image_size_pair
 from captioner.errors import ConfigError
 
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -189,8 +190,7 @@ class ShapesWorld:
         holdout_combos: Sequence[Sequence[str]] = (),
         seed: int = 0,
     ) -> None:
-        size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-        self.image_size: tuple[int, int] = (int(size[0]), int(size[1]))
+        self.image_size = image_size_pair(image_size)
         self.grid = grid  # objects sit in distinct cells of a grid x grid layout: no retries
         self.min_objects, self.max_objects = min_objects, max_objects
         self.captions_per_image = captions_per_image

@@ -72,11 +72,13 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")  # L, 1, P, CMYK, YCbCr
 
 
-def image_size_pair(value: int | Any, key: str = "data.image_size") -> tuple[int, int]:
+def image_size_pair(value: int | Any) -> tuple[int, int]:
     """`image_size` as (height, width) from an int or a pair."""
     size = (value, value) if isinstance(value, int) else tuple(value)
     if len(size) != 2 or min(int(s) for s in size) <= 0:
-        raise ConfigError(f"{key} must be a positive int or [height, width], got {value}.")
+        raise ConfigError(
+            f"data.image_size must be a positive int or [height, width], got {value}."
+        )
     return (int(size[0]), int(size[1]))
 
 

@@ -1,5 +1,32 @@
-"""Figures from attention tensors (matplotlib); nothing here runs a model."""
+"""Figures from attention tensors (matplotlib); nothing here runs a model.
 
-from captioner.viz.overlay import attention_to_pixels, select_attention, word_overlays
+Maps go back to pixels through each tensor's patch grid (any shape, any patch size); encoder
+functions take `num_prefix_tokens` so a CLS token is dropped from maps but kept in matrices.
+"""
 
-__all__ = ["attention_to_pixels", "select_attention", "word_overlays"]
+from captioner.viz.encoder import encoder_attention_from_patch, encoder_patch_map, query_map
+from captioner.viz.gif import save_gif
+from captioner.viz.matrices import attention_matrices
+from captioner.viz.overlay import (
+    attention_to_pixels,
+    blend_heatmap,
+    head_grid,
+    select_attention,
+    word_overlays,
+)
+from captioner.viz.rollout import attention_rollout, rollout_overlay
+
+__all__ = [
+    "attention_matrices",
+    "attention_rollout",
+    "attention_to_pixels",
+    "blend_heatmap",
+    "encoder_attention_from_patch",
+    "encoder_patch_map",
+    "head_grid",
+    "query_map",
+    "rollout_overlay",
+    "save_gif",
+    "select_attention",
+    "word_overlays",
+]

@@ -14,8 +14,8 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
 from captioner.errors import ConfigError
-from captioner.generation import DecodingOptions, generate
-from captioner.metrics import caption_scores
+from captioner.generation import DecodingOptions, Generated, generate
+from captioner.metrics import GroundingMeter, box_coverage, caption_scores, grounding_loss
 from captioner.models import CaptionerConfig, CaptionerModel
 
 
@@ -23,6 +23,7 @@ class TokenizerLike(Protocol):
     pad_id: int
     bos_id: int
     eos_id: int
+    itos: list[str]
 
     def __len__(self) -> int: ...
     def decode(self, ids: Any) -> str: ...
@@ -56,6 +57,9 @@ class CaptionerLitModule(LightningModule):
     preprocessing (`ImagePreprocess.to_dict()`) and the data config (`data_config`), so one
     file rebuilds the captioner and finds its test set. `decoding` holds `DecodingOptions`
     fields for validation and test (greedy by default); `spice` adds SPICE to test metrics.
+    `attention_supervision` weighs `grounding_loss` against the caption loss, on data that knows
+    which object each word names (shapes); on such data, validation and test also score
+    grounding (`<split>/grounding/...`).
     """
 
     def __init__(
@@ -65,6 +69,7 @@ class CaptionerLitModule(LightningModule):
         optimizer: Callable[..., Optimizer] | None = None,
         scheduler: Callable[..., LambdaLR] | None = None,
         label_smoothing: float = 0.0,
+        attention_supervision: float = 0.0,
         decoding: dict[str, Any] | None = None,
         spice: bool = False,
         **architecture: Any,
@@ -72,6 +77,10 @@ class CaptionerLitModule(LightningModule):
         super().__init__()
         if not 0.0 <= label_smoothing < 1.0:
             raise ConfigError(f"model.label_smoothing must be in [0, 1), got {label_smoothing}.")
+        if not attention_supervision >= 0.0:
+            raise ConfigError(
+                f"model.attention_supervision must be >= 0, got {attention_supervision}."
+            )
         self.save_hyperparameters(
             ignore=["tokenizer", "preprocess", "optimizer", "scheduler"],
             logger=False,
@@ -84,6 +93,7 @@ class CaptionerLitModule(LightningModule):
         self.data_config: dict[str, Any] | None = None
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.label_smoothing = label_smoothing
+        self.attention_supervision = attention_supervision
         try:
             self.decoding = DecodingOptions(**(decoding or {}))
         except TypeError as err:
@@ -91,19 +101,42 @@ class CaptionerLitModule(LightningModule):
         self.decoding.resolve_max_length(self.config)  # fail before training, not after
         self.spice = spice
         self._outputs: dict[str, list[tuple[Any, str, list[str], Any]]] = defaultdict(list)
+        self._grounding: dict[str, GroundingMeter] = {}
         # split -> {image id: caption}, kept after each validation or test epoch
         self.predictions: dict[str, dict[Any, str]] = {}
 
     def loss(self, batch: dict[str, Any]) -> torch.Tensor:
         """Next-word cross-entropy: inputs are tokens[:-1], targets tokens[1:]; pads ignored."""
-        tokens = batch["tokens"]
-        logits = self.net(batch["images"], tokens[:, :-1])  # (B, T-1, vocab)
+        return self._caption_loss(self.net(batch["images"], batch["tokens"][:, :-1]), batch)
+
+    def _caption_loss(self, logits: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
         return F.cross_entropy(
             logits.flatten(0, 1).float(),
-            tokens[:, 1:].flatten(),
+            batch["tokens"][:, 1:].flatten(),
             ignore_index=self.tokenizer.pad_id,
             label_smoothing=self.label_smoothing,
         )
+
+    def supervised_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Caption loss and grounding loss, from one pass through the explicit attention path.
+
+        The query at input position t predicts token t + 1, so its target is the box of the
+        object token t + 1 names.
+        """
+        if "word_boxes" not in batch:
+            raise ConfigError(
+                "model.attention_supervision needs to know which object each word names, which "
+                "only data=shapes provides: set model.attention_supervision=0 for this data."
+            )
+        memory, _ = self.net.encoder(batch["images"])
+        out = self.net.decoder(batch["tokens"][:, :-1], memory, need_weights=True)
+        assert out.cross_attention is not None
+        prefix = self.net.encoder.num_prefix_tokens
+        coverage, _ = box_coverage(
+            batch["word_boxes"][:, 1:], self.config.grid_size, self.config.patch_size
+        )  # (B, T - 1, grid_h, grid_w)
+        cross = [layer[..., prefix:] for layer in out.cross_attention]
+        return self._caption_loss(out.logits, batch), grounding_loss(cross, coverage.flatten(2))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         if not batch["image_ids"]:  # every sample in it was bad and skipped
@@ -111,15 +144,23 @@ class CaptionerLitModule(LightningModule):
                 return None  # no step
             # under DDP every rank must run backward: a zero loss that touches every weight
             return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
-        loss = self.loss(batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["tokens"]))
+        size = len(batch["tokens"])
+        if not self.attention_supervision:
+            loss = self.loss(batch)
+        else:
+            loss, grounding = self.supervised_loss(batch)
+            self.log("train/grounding_loss", grounding, batch_size=size)
+            loss = loss + self.attention_supervision * grounding
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
         return loss
 
-    def generate(self, images: torch.Tensor) -> list[str]:
+    def generate(self, images: torch.Tensor, need_weights: bool = False) -> Generated:
         """Captions for a batch of normalised images, decoded with `self.decoding`."""
         tok = self.tokenizer
-        out = generate(self.net, images, tok.bos_id, tok.eos_id, tok.pad_id, self.decoding)
-        return [tok.decode(row.tolist()) for row in out.tokens]
+        return generate(
+            self.net, images, tok.bos_id, tok.eos_id, tok.pad_id, self.decoding,
+            need_weights=need_weights,
+        )  # fmt: skip
 
     def _eval_step(self, batch: dict[str, Any]) -> None:
         if not batch["image_ids"]:  # every sample in it was bad and skipped
@@ -129,15 +170,33 @@ class CaptionerLitModule(LightningModule):
             f"{split}/loss", self.loss(batch), batch_size=len(batch["tokens"]),
             add_dataloader_idx=False, prog_bar=split == "val",
         )  # fmt: skip
-        scenes = batch.get("scenes", [None] * len(batch["image_ids"]))
+        scenes = batch.get("scenes")
+        out = self.generate(batch["images"], need_weights=scenes is not None)
+        if scenes is not None:
+            self._score_grounding(split, out, list(scenes))
         rows = zip(
             batch["image_ids"],
-            self.generate(batch["images"]),
+            [self.tokenizer.decode(row.tolist()) for row in out.tokens],
             batch["references"],
-            scenes,
+            scenes or [None] * len(batch["image_ids"]),
             strict=True,
         )
         self._outputs[split].extend(rows)
+
+    def _score_grounding(self, split: str, out: Generated, scenes: list[Any]) -> None:
+        """Adds each generated caption's word -> object looks to the split's grounding meter."""
+        assert out.cross_attention is not None
+        meter = self._grounding.setdefault(split, GroundingMeter(self.config.patch_size))
+        prefix = self.net.encoder.num_prefix_tokens
+        for i, scene in enumerate(scenes):
+            ids = out.tokens[i, : int(out.lengths[i])].tolist()
+            words = [self.tokenizer.itos[j] for j in ids if j != self.tokenizer.eos_id]
+            looks = out.cross_attention[i, :, :, : len(words), prefix:]  # (L, H, T, patches)
+            meter.update(
+                looks.unflatten(-1, self.config.grid_size).float().cpu(),
+                scene.align(words),
+                [obj.box for obj in scene.objects],
+            )
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_step(batch)
@@ -156,6 +215,8 @@ class CaptionerLitModule(LightningModule):
             if rows[0][3] is not None:  # ground truth known: is every caption fully correct?
                 correct = [scene.caption_is_correct(caption) for _, caption, _, scene in rows]
                 metrics["scene_acc"] = sum(correct) / len(correct)
+            if split in self._grounding:
+                metrics.update(self._grounding.pop(split).compute())
             for name, value in metrics.items():
                 self.log(
                     f"{split}/{name}",

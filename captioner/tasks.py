@@ -6,13 +6,16 @@ import json
 import logging
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import MissingMandatoryValue
 from torch.utils.data import DataLoader
 
@@ -23,10 +26,25 @@ from captioner.errors import ConfigError, DataError
 from captioner.lit_module import CaptionerLitModule
 
 log = logging.getLogger(__name__)
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 # Single-process loading is the right choice for procedural data on a small CPU.
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*treespec, LeafSpec.*")  # Lightning internals on new torch
+
+
+def compose_config(
+    config_name: str, overrides: Sequence[str], output_dir: str | Path
+) -> DictConfig:
+    """The config `scripts/<config_name>.py` would run with these overrides, writing under
+    `output_dir`: for notebooks and tests, which call `train`/`evaluate` without a Hydra app."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name=config_name, overrides=list(overrides))
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+        cfg.paths.log_dir = str(output_dir)
+    return cfg
 
 
 def _instantiate(node: DictConfig, **kwargs: Any) -> Any:

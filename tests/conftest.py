@@ -7,13 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
 from captioner.models import CaptionerConfig, CaptionerModel
+from captioner.tasks import CONF_DIR, compose_config
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 
 
@@ -25,13 +23,7 @@ def _seed_and_threads() -> None:
 def compose_train(*overrides: str, output_dir: Path, config_name: str = "train") -> DictConfig:
     """The config `scripts/train.py` (or another script's) would run, writing everything
     under `output_dir`."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name=config_name, overrides=list(overrides))
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(output_dir)
-        cfg.paths.log_dir = str(output_dir)
-    return cfg
+    return compose_config(config_name, overrides, output_dir)
 
 
 @pytest.fixture
@@ -64,7 +56,7 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir = tmp_path_factory.mktemp("trained_run")
     cfg = compose_train(
         "experiment=shapes_tiny", "data.image_size=[32,48]", "data.num_test=12",
-        "trainer.max_epochs=1", "trainer.limit_train_batches=40", "trainer.limit_val_batches=1",
+        "trainer.max_epochs=2", "trainer.limit_train_batches=64", "trainer.limit_val_batches=1",
         "test=false", "~logger", "callbacks.lr_monitor=null", "callbacks.rich_progress_bar=null",
         output_dir=run_dir,
     )  # fmt: skip

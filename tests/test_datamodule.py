@@ -55,3 +55,21 @@ def test_batches_survive_lightning_input_conversion() -> None:
         scene.captions[0] in refs
         for scene, refs in zip(batch["scenes"], batch["references"], strict=True)
     ] == [True] * 4
+
+
+def test_word_boxes_follow_the_reference_each_image_is_trained_on() -> None:
+    torch.manual_seed(0)
+    dm = ShapesDataModule(image_size=32, num_train=16, batch_size=16, min_objects=2)
+    batch = next(iter(dm.train_dataloader()))
+    tok, named = dm.tokenizer, 0
+    for row, boxes, scene in zip(
+        batch["tokens"], batch["word_boxes"], batch["scenes"], strict=True
+    ):
+        pick = scene.captions.index(tok.decode(row.tolist()))
+        alignment = scene.alignments[pick]
+        for position in range(len(row)):  # token i is word i - 1
+            k = alignment[position - 1] if 1 <= position <= len(alignment) else -1
+            expected = scene.objects[k].box if k >= 0 else (0, 0, 0, 0)
+            assert boxes[position].tolist() == list(expected)
+            named += k >= 0
+    assert named > 16  # every caption names at least one object, most several words each

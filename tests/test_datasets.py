@@ -42,7 +42,7 @@ TINY = (
     "model.encoder_heads=2", "model.decoder_dim=32", "model.decoder_depth=1",
     "model.decoder_heads=2", "data.image_size=32", "data.batch_size=4", "data.min_freq=1",
     "data.num_workers=0", "~logger", "callbacks.lr_monitor=null",
-    "callbacks.rich_progress_bar=null",
+    "callbacks.rich_progress_bar=null", "callbacks.attention_samples=null",
 )  # fmt: skip
 
 WRITERS = {

@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 from captioner.data import ShapesWorld
 from captioner.errors import ConfigError
 from captioner.inference import Captioner
+from captioner.metrics import GroundingMeter
 from captioner.tasks import evaluate
 from tests.conftest import compose_train
 
@@ -36,7 +37,7 @@ def test_scores_the_test_split_it_was_trained_on(ckpt: Path, tmp_path: Path) -> 
     assert saved == pytest.approx(metrics)
     for split in ("test", "test_comp"):  # shapes_tiny holds out a colour-shape pair
         names = {k.split("/")[1] for k in metrics if k.startswith(f"{split}/")}
-        assert names == PAPER_METRICS | {"scene_acc", "loss"}  # no SPICE unless enabled
+        assert names == PAPER_METRICS | {"scene_acc", "loss", "grounding"}  # no SPICE by default
     predictions = json.loads((tmp_path / "predictions.json").read_text())
     assert [p["image_id"] for p in predictions] == list(range(12))  # data.num_test=12
     assert all(set(p) == {"image_id", "caption"} and p["caption"] for p in predictions)
@@ -48,9 +49,23 @@ def test_scores_the_test_split_it_was_trained_on(ckpt: Path, tmp_path: Path) -> 
     from PIL import Image
 
     expected = Captioner.from_checkpoint(ckpt).caption(
-        [Image.fromarray(a) for a in images], beam_size=3
+        [Image.fromarray(a) for a in images], beam_size=3, return_attention=True
     )
     assert [p["caption"] for p in predictions] == [c.text for c in expected]
+
+    # grounding: the same figures as the meter fed from the inference API's attention
+    meter = GroundingMeter(patch_size=8)
+    for i, caption in enumerate(expected):
+        scene = world.scene("test", i)
+        words = [w for w in caption.words if w != "<eos>"]
+        meter.update(caption.cross_attention, scene.align(words), [o.box for o in scene.objects])
+    assert meter.words > 0
+    grounding = {f"test/{k}": v for k, v in meter.compute().items()}
+    assert {k: metrics[k] for k in grounding} == pytest.approx(grounding, abs=1e-6)
+    layers = {k.split("/")[-1] for k in metrics if k.startswith("test/grounding/pointing_acc/")}
+    assert layers == {"mean", "layer0", "layer1"} | {
+        f"layer{n}_head{h}" for n in (0, 1) for h in (0, 1)
+    }
 
 
 def test_data_and_decoding_can_be_overridden(ckpt: Path, tmp_path: Path) -> None:

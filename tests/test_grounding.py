@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
+import math
+
 import pytest
 import torch
 
 from captioner.data import ShapesWorld
-from captioner.metrics.grounding import GroundingMeter, box_coverage
+from captioner.metrics.grounding import GroundingMeter, box_coverage, grounding_loss
 
 
 def test_alignment_of_a_caption_matches_the_datasets_own() -> None:
@@ -55,3 +58,25 @@ def test_pointing_and_mass_follow_the_attention() -> None:
     assert out["grounding/pointing_acc/layer1"] == 0.0
     assert out["grounding/pointing_acc"] == 1.0 and out["grounding/best_layer"] == 0
     assert out["grounding/mass/mean"] == pytest.approx(0.3)
+
+
+def test_grounding_loss_is_minus_log_mass_on_the_named_box() -> None:
+    """Batch of 1, two tokens over a 2 x 2 grid: token 0 names an object covering patch 0,
+    token 1 names nothing. Layer 0 puts everything there, layer 1 spreads evenly."""
+    on_box = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    layer0 = torch.stack([on_box, torch.full((4,), 0.25)])[None, None]  # (1, 1, T=2, 4)
+    layer1 = torch.full((1, 1, 2, 4), 0.25)
+    targets = torch.stack([on_box, torch.zeros(4)])[None]  # (1, 2, 4)
+    loss = grounding_loss([layer0, layer1], targets)
+    assert loss.item() == pytest.approx(-(math.log(1.0) + math.log(0.25)) / 2)
+    assert grounding_loss([layer1], torch.zeros(1, 2, 4)).item() == 0.0  # nothing named
+
+
+def test_batched_box_coverage_matches_one_box_at_a_time() -> None:
+    boxes = torch.tensor([[[4, 0, 12, 8], [0, 0, 0, 0]], [[3, 5, 20, 16], [0, 9, 24, 16]]])
+    coverage, inside = box_coverage(boxes, (2, 3), patch_size=8)
+    assert coverage.shape == (2, 2, 2, 3)
+    for index in itertools.product(range(2), range(2)):
+        one = box_coverage(boxes[index].tolist(), (2, 3), patch_size=8)
+        assert torch.equal(coverage[index], one[0]) and torch.equal(inside[index], one[1])
+    assert coverage[0, 1].sum() == 0  # a zero box covers nothing

@@ -66,7 +66,9 @@ def test_one_batch_can_be_overfitted(shapes_batch: tuple) -> None:
         loss.backward()
         optimizer.step()
     assert loss.item() < 0.05 < first
-    captions = module.generate(batch["images"])
+    captions = [
+        dm.tokenizer.decode(row.tolist()) for row in module.generate(batch["images"]).tokens
+    ]
     expected = [dm.tokenizer.decode(row[1:].tolist()) for row in batch["tokens"]]
     assert captions == expected
     assert module.training  # generation restored the mode
@@ -100,6 +102,26 @@ def test_every_experiment_runs_with_fast_dev_run(
     saved = json.loads((tmp_path / "metrics.json").read_text())
     for key in ("test/loss", "test/BLEU-4", "test/CIDEr", "test/scene_acc"):
         assert key in saved and saved[key] == pytest.approx(metrics[key])
+
+
+def test_validation_logs_attention_samples(
+    train_cfg: Callable[..., DictConfig], tmp_path: Path
+) -> None:
+    overrides = (
+        "experiment=shapes_tiny", "trainer.max_epochs=1", "trainer.limit_train_batches=4",
+        "trainer.limit_val_batches=1", "test=false", "logger=tensorboard",
+        "callbacks.attention_samples.num_images=3",
+    )  # fmt: skip
+    train(train_cfg(*overrides))
+    folder = tmp_path / "attention"
+    pngs = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.png"))
+    assert pngs == ["step_0000004/0.png", "step_0000004/1.png", "step_0000004/2.png"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((tmp_path / "tensorboard").rglob("events.*")).parent))
+    events.Reload()
+    assert events.Tags()["images"] == ["attention/0", "attention/1", "attention/2"]
+    assert events.Images("attention/0")[0].step == 4
 
 
 def test_short_run_saves_checkpoints_that_rebuild_the_model(
@@ -172,3 +194,38 @@ def test_cli_config_error_is_one_clear_line(tmp_path: Path) -> None:
         in result.stderr
     )
     assert "Traceback" not in result.stderr
+
+
+def test_attention_supervision_moves_attention_onto_the_named_objects(shapes_batch: tuple) -> None:
+    dm, batch = shapes_batch
+    torch.manual_seed(0)
+    module = lit_module(dm, attention_supervision=1.0).train()
+    plain = lit_module(dm).train()
+    plain.load_state_dict(module.state_dict())
+    caption_loss, before = module.supervised_loss(batch)
+    torch.testing.assert_close(caption_loss, plain.loss(batch))  # one pass gives both
+    optimizer = torch.optim.AdamW(module.parameters(), lr=3e-3, weight_decay=0.0)
+    for _ in range(60):
+        caption_loss, grounding = module.supervised_loss(batch)
+        optimizer.zero_grad()
+        (caption_loss + grounding).backward()
+        optimizer.step()
+    assert grounding.item() < 0.4 * before.item()
+    # the same steps on the caption loss alone leave the grounding loss where it was
+    optimizer = torch.optim.AdamW(plain.parameters(), lr=3e-3, weight_decay=0.0)
+    for _ in range(60):
+        loss = plain.loss(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert plain.supervised_loss(batch)[1].item() > 0.8 * before.item()
+
+
+def test_attention_supervision_needs_data_that_knows_the_objects(shapes_batch: tuple) -> None:
+    dm, batch = shapes_batch
+    module = lit_module(dm, attention_supervision=0.5)
+    without = {k: v for k, v in batch.items() if k != "word_boxes"}
+    with pytest.raises(ConfigError, match="model.attention_supervision=0"):
+        module.supervised_loss(without)
+    with pytest.raises(ConfigError, match="attention_supervision must be >= 0"):
+        lit_module(dm, attention_supervision=-1.0)

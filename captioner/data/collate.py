@@ -30,7 +30,9 @@ class CaptionCollator:
     """Turns samples into a batch; training picks a random reference per image each time.
 
     The batch keeps every reference (for scoring), the split name (for metric prefixes) and,
-    when the dataset has it, each image's ground-truth scene. Samples that came back as
+    when the dataset has it, each image's ground-truth scene, with `word_boxes` (B, T, 4): the
+    pixel box of the object each token names (zeros where it names none), for attention
+    supervision. Samples that came back as
     `{BAD: BadSample}` are left out and listed under `bad_samples`, for the main process to
     apply the bad-sample policy; a sample may fix its training caption under `caption`.
     """
@@ -51,13 +53,14 @@ class CaptionCollator:
         samples = [s for s in samples if BAD not in s]
         references = [s["captions"] for s in samples]
         if self.train:
-            picks = torch.randint(0, 1 << 30, (len(samples),)).tolist()
-            captions = [
-                s.get("caption") or refs[p % len(refs)]
-                for s, refs, p in zip(samples, references, picks, strict=True)
-            ]
+            draws = torch.randint(0, 1 << 30, (len(samples),)).tolist()
+            picks = [d % len(refs) for d, refs in zip(draws, references, strict=True)]
         else:
-            captions = [refs[0] for refs in references]
+            picks = [0] * len(samples)
+        captions = [
+            s.get("caption") or refs[p]
+            for s, refs, p in zip(samples, references, picks, strict=True)
+        ]
         ids = [self.tokenizer.encode(c, self.max_len) for c in captions]
         tokens = torch.full((len(ids), max(map(len, ids), default=2)), self.tokenizer.pad_id)
         for row, seq in enumerate(ids):
@@ -75,5 +78,19 @@ class CaptionCollator:
             "bad_samples": bad,
         }
         if samples and "scene" in samples[0]:
-            batch["scenes"] = Opaque([s["scene"] for s in samples])
+            scenes = [s["scene"] for s in samples]
+            batch["scenes"] = Opaque(scenes)
+            batch["word_boxes"] = word_boxes(scenes, picks, tokens.shape[1])
         return batch
+
+
+def word_boxes(scenes: list[Any], picks: list[int], length: int) -> torch.Tensor:
+    """(B, length, 4) float pixel boxes (x0, y0, x1, y1) of the object that token i of
+    reference `picks[b]` of scene b names; zeros for `<bos>`, `<eos>`, padding and words that
+    name no object. Token i is word i - 1, as `Tokenizer.encode` lays them out."""
+    boxes = torch.zeros(len(scenes), length, 4)
+    for row, (scene, pick) in enumerate(zip(scenes, picks, strict=True)):
+        for word, k in enumerate(scene.alignments[pick][: length - 2]):
+            if k >= 0:
+                boxes[row, word + 1] = torch.tensor(scene.objects[k].box, dtype=torch.float32)
+    return boxes

@@ -100,6 +100,13 @@ class ImagePreprocess:
         std = torch.tensor(self.std, device=images.device).view(-1, 1, 1)
         return (pixels - mean) / std
 
+    def denormalize(self, images: torch.Tensor) -> torch.Tensor:
+        """The inverse of `normalize`, back to uint8 pixels: to show what the model saw."""
+        mean = torch.tensor(self.mean, device=images.device).view(-1, 1, 1)
+        std = torch.tensor(self.std, device=images.device).view(-1, 1, 1)
+        pixels = (images.float() * std + mean) * 255.0
+        return pixels.round().clamp(0, 255).to(torch.uint8)
+
     def __call__(self, image: Image.Image | torch.Tensor) -> torch.Tensor:
         """A PIL image, or a (C, H, W) tensor of uint8 pixels or floats in [0, 1] -> (C, H, W)."""
         return self.normalize(self.resize(image))

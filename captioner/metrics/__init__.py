@@ -1,6 +1,6 @@
 """Caption-quality and grounding metrics."""
 
 from captioner.metrics.coco import caption_scores
-from captioner.metrics.grounding import GroundingMeter, box_coverage
+from captioner.metrics.grounding import GroundingMeter, box_coverage, grounding_loss
 
-__all__ = ["GroundingMeter", "box_coverage", "caption_scores"]
+__all__ = ["GroundingMeter", "box_coverage", "caption_scores", "grounding_loss"]

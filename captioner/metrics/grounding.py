@@ -16,18 +16,43 @@ import torch
 
 
 def box_coverage(
-    box: Sequence[int], grid: tuple[int, int], patch_size: int
+    box: Sequence[float] | torch.Tensor, grid: tuple[int, int], patch_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per patch of the grid: the fraction of its area inside `box` (x0, y0, x1, y1 pixels,
-    x1/y1 exclusive), and whether its centre lies inside."""
-    x0, y0, x1, y1 = box
-    edges = [torch.arange(n + 1, dtype=torch.float64) * patch_size for n in grid]  # rows, cols
-    rows = (edges[0][1:].clamp(y0, y1) - edges[0][:-1].clamp(y0, y1)) / patch_size  # (gh,)
-    cols = (edges[1][1:].clamp(x0, x1) - edges[1][:-1].clamp(x0, x1)) / patch_size  # (gw,)
+    """Per patch of the grid: the fraction of its area inside the box (x0, y0, x1, y1 pixels,
+    x1/y1 exclusive), and whether its centre lies inside. Boxes may be batched (..., 4); the
+    results are then (..., grid_h, grid_w)."""
+    box = torch.as_tensor(box, dtype=torch.float32)
+    x0, y0, x1, y1 = (box[..., i, None] for i in range(4))  # each (..., 1)
+    edges = [torch.arange(n + 1, dtype=torch.float32, device=box.device) * patch_size for n in grid]
+
+    def overlap(edge: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        return (torch.minimum(edge[1:], hi) - torch.maximum(edge[:-1], lo)).clamp_min(0)
+
+    rows = overlap(edges[0], y0, y1) / patch_size  # (..., gh)
+    cols = overlap(edges[1], x0, x1) / patch_size  # (..., gw)
     centres = [(e[1:] + e[:-1]) / 2 for e in edges]
     inside_rows = (centres[0] >= y0) & (centres[0] < y1)
     inside_cols = (centres[1] >= x0) & (centres[1] < x1)
-    return rows[:, None] * cols[None, :], inside_rows[:, None] & inside_cols[None, :]
+    return (
+        rows[..., :, None] * cols[..., None, :],
+        inside_rows[..., :, None] & inside_cols[..., None, :],
+    )
+
+
+def grounding_loss(cross_attention: Sequence[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+    """Attention supervision: -log of the share of each layer's head-mean cross-attention that
+    falls on the box of the object the word names, averaged over layers and naming words.
+
+    `cross_attention` holds one (B, heads, T, patches) tensor per layer; `targets` (B, T,
+    patches) is each patch's box coverage, all zero for a word that names no object. Heads
+    stay free to split the work; only their mean is asked to find the object.
+    """
+    named = targets.sum(-1) > 0  # (B, T)
+    if not named.any():
+        return targets.new_zeros(())
+    looks = torch.stack([layer.float().mean(1) for layer in cross_attention])  # (L, B, T, S)
+    mass = (looks * targets.float()).sum(-1)[:, named]  # (L, words)
+    return -mass.clamp_min(1e-6).log().mean()
 
 
 class GroundingMeter:

@@ -36,22 +36,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", action="store_true", help="a JSON list on stdout")
     parser.add_argument(
-        "--save-attention", type=Path, metavar="DIR", help="a cross-attention figure per image"
+        "--save-attention",
+        type=Path,
+        metavar="DIR",
+        help="per image: word overlays (.png), a GIF word by word, attention matrices",
     )
     return parser.parse_args(argv)
 
 
-def save_figure(directory: Path, path: Path, image: object, caption: object, used: set) -> None:
-    """`<stem>.png` in `directory` (`<stem>_.png` etc. when two inputs share a stem)."""
-    from captioner.viz import word_overlays
+def save_attention(
+    directory: Path, path: Path, image: object, caption: object, used: set, prefix: int
+) -> None:
+    """In `directory`: `<stem>.png`, the image under each word's cross-attention;
+    `<stem>.gif`, the same word by word; `<stem>_matrices.png`, the words x patches matrix
+    beside the decoder's causal and the encoder's self-attention (`<stem>_` etc. when two
+    inputs share a stem)."""
+    from captioner.viz import attention_matrices, save_gif, word_overlays
 
     name = path.stem
     while name in used:
         name += "_"
     used.add(name)
     directory.mkdir(parents=True, exist_ok=True)
-    figure = word_overlays(image, caption.cross_attention, caption.words)
-    figure.savefig(directory / f"{name}.png", dpi=100)
+    words = caption.words
+    word_overlays(image, caption.cross_attention, words).savefig(directory / f"{name}.png", dpi=100)
+    save_gif(directory / f"{name}.gif", image, caption.cross_attention, words)
+    matrices = attention_matrices(
+        words, caption.cross_attention, caption.self_attention, caption.encoder_attention,
+        num_prefix_tokens=prefix,
+    )  # fmt: skip
+    matrices.savefig(directory / f"{name}_matrices.png", dpi=100)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             top_p=args.top_p,
             seed=args.seed,
             return_attention=args.save_attention is not None,
+            return_encoder_attention=args.save_attention is not None,
         )
         for path, result, image in results:
             if isinstance(result, Exception):
@@ -86,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(f"{path}\t{result.text}", flush=True)
             if args.save_attention is not None:
-                save_figure(args.save_attention, path, image, result, figures)
+                prefix = captioner.model.encoder.num_prefix_tokens
+                save_attention(args.save_attention, path, image, result, figures, prefix)
     if args.json:
         print(json.dumps(listed, indent=2))
     if failed:

@@ -243,7 +243,10 @@ def test_caption_script_captions_good_files_and_names_bad_ones(
         assert str(path) in result.stderr
     assert "Traceback" not in result.stderr and ".hidden" not in result.stderr + result.stdout
     figures = sorted(p.name for p in (tmp_path / "att").iterdir())
-    assert figures == sorted(f"{p.stem}.png" for p in good)
+    kinds = (".png", ".gif", "_matrices.png")
+    assert figures == sorted(f"{p.stem}{kind}" for p in good for kind in kinds)
+    for path, caption in zip(good, expected, strict=True):  # a frame per word, <eos> included
+        assert Image.open(tmp_path / "att" / f"{path.stem}.gif").n_frames == len(caption.words)
 
     listed = run_script("caption.py", "--ckpt", ckpt, "--json", good[0], good[1], cwd=tmp_path)
     assert listed.returncode == 0, listed.stderr[-2000:]

@@ -23,8 +23,9 @@ from captioner.checkpoint import load_checkpoint
 from captioner.data.tokenizer import Tokenizer
 from captioner.data.transforms import ImagePreprocess, load_image
 from captioner.errors import ConfigError, ImageLoadError
-from captioner.generation import DecodingOptions, generate
+from captioner.generation import DecodingOptions, Generated, generate
 from captioner.models import CaptionerModel
+from captioner.models.encoder import VisionEncoder
 
 ImageInput = Image.Image | torch.Tensor | str | Path
 
@@ -145,24 +146,10 @@ class Captioner:
                 _, weights = self.model.encoder(batch, need_weights=True)
             assert weights is not None
             encoder_attention = torch.stack(weights, dim=1).float().cpu()  # (B, L, H, N, N)
-        prefix = self.model.encoder.num_prefix_tokens
-        results = []
-        for i in range(batch.shape[0]):
-            length = int(out.lengths[i])
-            ids = out.tokens[i, :length].tolist()
-            caption = Caption(
-                text=tok.decode(ids),
-                tokens=ids,
-                words=[tok.itos[j] for j in ids],
-                token_logprobs=out.token_logprobs[i, :length].cpu(),
-            )
-            if out.cross_attention is not None and out.self_attention is not None:
-                cross = out.cross_attention[i, :, :, :length, prefix:]  # (L, H, T, patches)
-                caption.cross_attention = cross.unflatten(-1, self.grid_size).cpu()
-                caption.self_attention = out.self_attention[i, :, :, :length, :length].cpu()
-            if encoder_attention is not None:
-                caption.encoder_attention = encoder_attention[i]
-            results.append(caption)
+        results = to_captions(out, tok, self.model.encoder)
+        if encoder_attention is not None:
+            for caption, weights in zip(results, encoder_attention, strict=True):
+                caption.encoder_attention = weights
         return results
 
     def caption_files(
@@ -189,6 +176,28 @@ class Captioner:
                 yield from flush()
         if pending:
             yield from flush()
+
+
+def to_captions(out: Generated, tokenizer: Tokenizer, encoder: VisionEncoder) -> list[Caption]:
+    """One `Caption` per row of a `generate` result, its attention (if recorded) cut to the
+    caption's length and its patches laid out on the encoder's grid, prefix tokens dropped."""
+    prefix = encoder.num_prefix_tokens
+    results = []
+    for i in range(out.tokens.shape[0]):
+        length = int(out.lengths[i])
+        ids = out.tokens[i, :length].tolist()
+        caption = Caption(
+            text=tokenizer.decode(ids),
+            tokens=ids,
+            words=[tokenizer.itos[j] for j in ids],
+            token_logprobs=out.token_logprobs[i, :length].cpu(),
+        )
+        if out.cross_attention is not None and out.self_attention is not None:
+            cross = out.cross_attention[i, :, :, :length, prefix:]  # (L, H, T, patches)
+            caption.cross_attention = cross.unflatten(-1, encoder.grid_size).cpu()
+            caption.self_attention = out.self_attention[i, :, :, :length, :length].cpu()
+        results.append(caption)
+    return results
 
 
 def _as_list(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:

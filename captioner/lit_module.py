@@ -15,6 +15,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from captioner.errors import ConfigError
 from captioner.generation import DecodingOptions, Generated, generate
+from captioner.inference import to_captions
 from captioner.metrics import GroundingMeter, box_coverage, caption_scores, grounding_loss
 from captioner.models import CaptionerConfig, CaptionerModel
 
@@ -185,18 +186,14 @@ class CaptionerLitModule(LightningModule):
 
     def _score_grounding(self, split: str, out: Generated, scenes: list[Any]) -> None:
         """Adds each generated caption's word -> object looks to the split's grounding meter."""
-        assert out.cross_attention is not None
         meter = self._grounding.setdefault(split, GroundingMeter(self.config.patch_size))
-        prefix = self.net.encoder.num_prefix_tokens
-        for i, scene in enumerate(scenes):
-            ids = out.tokens[i, : int(out.lengths[i])].tolist()
-            words = [self.tokenizer.itos[j] for j in ids if j != self.tokenizer.eos_id]
-            looks = out.cross_attention[i, :, :, : len(words), prefix:]  # (L, H, T, patches)
-            meter.update(
-                looks.unflatten(-1, self.config.grid_size).float().cpu(),
-                scene.align(words),
-                [obj.box for obj in scene.objects],
-            )
+        for scene, caption in zip(
+            scenes, to_captions(out, self.tokenizer, self.net.encoder), strict=True
+        ):
+            words = [w for w in caption.words if w != "<eos>"]
+            assert caption.cross_attention is not None
+            boxes = [obj.box for obj in scene.objects]
+            meter.update(caption.cross_attention, scene.align(words), boxes)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_step(batch)

@@ -11,6 +11,7 @@ from torch import nn
 from captioner.models.config import CaptionerConfig
 from captioner.models.decoder import TextDecoder
 from captioner.models.encoder import VisionEncoder
+from captioner.models.loss import linear_cross_entropy
 
 
 @dataclass
@@ -70,6 +71,28 @@ class CaptionerModel(nn.Module):
         """Images (B, C, H, W) and input tokens (B, T) -> next-token logits (B, T, vocab)."""
         memory, _ = self.encoder(images)
         return self.decoder(tokens, memory, token_padding_mask).logits
+
+    def caption_loss(
+        self,
+        images: torch.Tensor,
+        tokens: torch.Tensor,
+        pad_id: int,
+        label_smoothing: float = 0.0,
+        need_weights: bool = False,
+    ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """Teacher-forced next-word loss of captions `tokens` (B, T), <bos> first: inputs are
+        tokens[:, :-1], targets tokens[:, 1:], padding ignored. Returns the mean loss and,
+        with `need_weights`, the decoder's cross-attention per layer (B, heads, T - 1, S).
+
+        The output projection and the loss are fused (`linear_cross_entropy`): the logits
+        are never stored, and padded positions are never projected.
+        """
+        memory, _ = self.encoder(images)
+        states = self.decoder.features(tokens[:, :-1], memory, need_weights=need_weights)
+        loss = linear_cross_entropy(
+            states.hidden, self.decoder.head.weight, tokens[:, 1:], pad_id, label_smoothing
+        )
+        return loss, states.cross_attention
 
     def forward_with_attention(
         self,

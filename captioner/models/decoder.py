@@ -21,6 +21,15 @@ class DecoderOutput:
     cross_attention: list[torch.Tensor] | None = None
 
 
+@dataclass
+class DecoderStates:
+    """The final normed states before the output projection, and the attention weights."""
+
+    hidden: torch.Tensor  # (B, T, D)
+    self_attention: list[torch.Tensor] | None = None
+    cross_attention: list[torch.Tensor] | None = None
+
+
 class TextDecoder(nn.Module):
     """Token + position embeddings, pre-norm blocks, final norm, output tied to the input."""
 
@@ -68,6 +77,23 @@ class TextDecoder(nn.Module):
         rows may be beams: B is then a multiple of the number of images. `last_only` computes
         the logits of the last position alone (B, 1, vocab), all that decoding needs.
         """
+        states = self.features(
+            tokens, memory, token_padding_mask, memory_padding_mask, need_weights, cache
+        )
+        x = states.hidden[:, -1:] if last_only else states.hidden
+        return DecoderOutput(self.head(x), states.self_attention, states.cross_attention)
+
+    def features(
+        self,
+        tokens: torch.Tensor,
+        memory: torch.Tensor | None,
+        token_padding_mask: torch.Tensor | None = None,
+        memory_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = False,
+        cache: DecoderCache | None = None,
+    ) -> DecoderStates:
+        """`forward` without the output projection, for a loss that projects only the
+        positions it scores."""
         start = 0 if cache is None else cache.length
         end = start + tokens.shape[1]
         if end > self.max_len:
@@ -83,9 +109,6 @@ class TextDecoder(nn.Module):
             )  # fmt: skip
             self_weights.append(sw)
             cross_weights.append(cw)
-        if last_only:
-            x = x[:, -1:]
-        logits = self.head(self.norm(x))
         if not need_weights:
-            return DecoderOutput(logits)
-        return DecoderOutput(logits, self_weights, cross_weights)
+            return DecoderStates(self.norm(x))
+        return DecoderStates(self.norm(x), self_weights, cross_weights)

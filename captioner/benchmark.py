@@ -1,8 +1,9 @@
-"""Decoding and data-loading speed, measured side by side in one process.
+"""Training, decoding and data-loading speed, ours and Hugging Face's, side by side in one process.
 
 Every figure is the median of `repeats` timed runs after one warm-up run, the runs of what is
 compared taking turns. Models are randomly initialised; decoding lengths are fixed
-(`min_length = max_length`), so a random model decodes exactly as many tokens as asked.
+(`min_length = max_length`), so a random model decodes exactly as many tokens as asked. The
+Hugging Face baseline (`captioner.baseline`) gets the same inputs, batch and threads.
 """
 
 from __future__ import annotations
@@ -13,14 +14,16 @@ import tempfile
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
+from captioner.baseline import hf_captioner, hf_generate, hf_loss
 from captioner.data import TableDataModule
 from captioner.generation import DecodingOptions, generate
 from captioner.models import CaptionerConfig, CaptionerModel
@@ -31,8 +34,9 @@ K = TypeVar("K", bound=Hashable)
 
 @dataclass
 class Measurement:
-    """One line of the report."""
+    """One line of the decoding report."""
 
+    model: str  # "captioner" or "hf" (VisionEncoderDecoderModel)
     measure: str  # "captions/s" or "ms/token"
     strategy: str  # "greedy" or "beam-3"
     batch: int  # images decoded together
@@ -62,36 +66,60 @@ def _decode(model: CaptionerModel, images: torch.Tensor, **options: object) -> C
     return lambda: generate(model, images, BOS, EOS, PAD, opts)
 
 
-def decoding_benchmark(
+SEARCHES = {"greedy": 1, "beam-3": 3}
+
+
+def generation_benchmark(
     config: CaptionerConfig,
     *,
     batch_sizes: tuple[int, ...] = (1, 32),
     caption_tokens: int = 20,
+    repeats: int = 7,
+    hf: bool = True,
+) -> list[Measurement]:
+    """Captions/second for greedy and beam-3 search, ours on our KV cache and, with `hf`,
+    Hugging Face's `generate()` on its cache, exactly `caption_tokens` tokens per caption."""
+    config = replace(config, max_len=max(config.max_len, caption_tokens + 1))
+    torch.manual_seed(0)
+    models = {"captioner": CaptionerModel(config).eval()}
+    if hf:
+        models["hf"] = hf_captioner(config, BOS, EOS, PAD).eval()
+    rows: list[Measurement] = []
+    for batch in batch_sizes:
+        images = torch.randn(batch, config.in_channels, *config.image_size)
+        functions: dict[tuple[str, str], Callable[[], object]] = {}
+        for name, k in SEARCHES.items():
+            functions["captioner", name] = _decode(
+                models["captioner"], images, beam_size=k,
+                min_length=caption_tokens, max_length=caption_tokens,
+            )  # fmt: skip
+            if hf:
+                functions["hf", name] = partial(
+                    hf_generate, models["hf"], images, caption_tokens, k
+                )
+        for (model, name), seconds in median_seconds(functions, repeats).items():
+            rows.append(
+                Measurement(model, "captions/s", name, batch, caption_tokens, True, batch / seconds)
+            )
+    return rows
+
+
+def decoding_benchmark(
+    config: CaptionerConfig,
+    *,
+    batch_sizes: tuple[int, ...] = (1, 32),
     lengths: tuple[int, ...] = (16, 32, 64),
     repeats: int = 7,
 ) -> list[Measurement]:
-    """Captions/second for greedy and beam-3 search, and the time per generated token at
-    several caption lengths with and without the KV cache.
+    """Our time per generated token at several caption lengths, with and without the KV cache.
 
     Time per token leaves out the image encoder: it is timed alone and subtracted, so the
     figure is what one more word costs.
     """
-    config = replace(config, max_len=max(max(lengths), caption_tokens) + 1)
+    config = replace(config, max_len=max(lengths) + 1)
     torch.manual_seed(0)
     model = CaptionerModel(config).eval()
     rows: list[Measurement] = []
-    for batch in batch_sizes:
-        images = torch.randn(batch, config.in_channels, *config.image_size)
-        fixed = {"min_length": caption_tokens, "max_length": caption_tokens}
-        searches = {"greedy": 1, "beam-3": 3}
-        timed = median_seconds(
-            {name: _decode(model, images, beam_size=k, **fixed) for name, k in searches.items()},
-            repeats,
-        )
-        for name, seconds in timed.items():
-            rows.append(
-                Measurement("captions/s", name, batch, caption_tokens, True, batch / seconds)
-            )
     for batch in batch_sizes:
         images = torch.randn(batch, config.in_channels, *config.image_size)
         functions: dict[tuple[int, bool] | str, Callable[[], object]] = {
@@ -107,7 +135,8 @@ def decoding_benchmark(
             if isinstance(key, tuple):
                 length, cached = key
                 ms = 1000 * (seconds - timed["encoder"]) / length
-                rows.append(Measurement("ms/token", "greedy", batch, length, cached, ms))
+                row = Measurement("captioner", "ms/token", "greedy", batch, length, cached, ms)
+                rows.append(row)
     return rows
 
 
@@ -120,6 +149,8 @@ def cache_summary(rows: list[Measurement]) -> dict[str, float]:
     """Per batch size: how flat the cached cost per token is (longest length over shortest),
     and how much faster cached decoding is than recomputation at each length."""
     per_token = {(r.batch, r.tokens, r.cache): r.value for r in rows if r.measure == "ms/token"}
+    if not per_token:
+        return {}
     lengths = sorted({tokens for _, tokens, _ in per_token})
     out = {}
     for batch in sorted({batch for batch, _, _ in per_token}):
@@ -131,11 +162,150 @@ def cache_summary(rows: list[Measurement]) -> dict[str, float]:
     return out
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass
+class TrainingSpeed:
+    """One model's training step (forward, backward, AdamW) at one precision."""
+
+    model: str  # "captioner" or "hf"
+    dtype: str  # "fp32", or "bf16": float32 weights under bfloat16 autocast
+    captions: str  # "full" (max_len tokens each) or "coco" (COCO-like lengths, padded)
+    batch: int
+    caption_tokens: float  # mean tokens per caption, <bos> and <eos> included
+    parameters: int
+    images_per_s: float
+    gflop_per_image: float  # forward + backward, as counted by FlopCounterMode
+    peak_gflops: float  # this machine's large-matmul rate in this dtype, measured in the run
+
+    @property
+    def mfu(self) -> float:
+        """Model FLOPs utilisation: achieved FLOP/s over the measured matmul peak."""
+        return self.images_per_s * self.gflop_per_image / self.peak_gflops
+
+
+def matmul_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of one large square `torch.matmul` in `dtype`: the ceiling MFU is measured against."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    seconds = median_seconds({"mm": lambda: a @ b}, repeats)["mm"]
+    return 2 * size**3 / seconds
+
+
+CAPTIONS = ("full", "coco")
+
+
+def random_captions(config: CaptionerConfig, batch: int, lengths: str = "full") -> torch.Tensor:
+    """(batch, T) token ids: <bos>, random words, <eos>, then padding. "full": every caption
+    `model.max_len` tokens, no padding. "coco": COCO-like lengths, words ~ N(10.5, 2.5)
+    rounded and clipped to [5, max_len - 2], padded to the longest in the batch, as a
+    training batch of COCO captions is."""
+    generator = torch.Generator().manual_seed(0)
+    longest = config.max_len - 2
+    if lengths == "full":
+        words = torch.full((batch,), longest)
+    else:
+        normal = torch.randn(batch, generator=generator) * 2.5 + 10.5
+        words = normal.round().long().clamp(5, longest)
+    width = int(words.max()) + 2
+    tokens = torch.randint(PAD + 3, config.vocab_size, (batch, width), generator=generator)
+    at = torch.arange(width)[None, :]
+    tokens[:, 0] = BOS
+    tokens[at == words[:, None] + 1] = EOS
+    return tokens.masked_fill(at > words[:, None] + 1, PAD)
+
+
+def _training_step(
+    model: torch.nn.Module, loss: Callable[[], torch.Tensor], dtype: str
+) -> Callable[[], None]:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            value = loss()
+        optimizer.zero_grad(set_to_none=True)
+        value.backward()
+        optimizer.step()
+
+    return step
+
+
+def _cpu_sdpa_flops(query: Any, key: Any, value: Any, *args: Any, **kwargs: Any) -> int:
+    return sdpa_flop_count(query, key, value)
+
+
+def _cpu_sdpa_backward_flops(
+    grad_out: Any, query: Any, key: Any, value: Any, *args: Any, **kwargs: Any
+) -> int:
+    return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+# FlopCounterMode knows the GPU attention kernels; these are the CPU one's forward and backward.
+CPU_ATTENTION_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward_flops,
+}
+
+
+def counted_flops(function: Callable[[], object]) -> int:
+    """Floating-point operations of the matmuls, convolutions and attention in one call."""
+    with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
+        function()
+    return counter.get_total_flops()
+
+
+def training_benchmark(
+    config: CaptionerConfig,
+    *,
+    batch_size: int = 64,
+    dtypes: tuple[str, ...] = ("fp32", "bf16"),
+    captions: tuple[str, ...] = CAPTIONS,
+    repeats: int = 7,
+    hf: bool = True,
+) -> list[TrainingSpeed]:
+    """Images/second and MFU of our training step and, with `hf`, of Hugging Face's, on the
+    same images and captions (`random_captions`), batch and threads.
+
+    FLOPs are those each model executes: padded positions our loss never projects are not
+    counted for us, while Hugging Face's model computes and counts them.
+    """
+    torch.manual_seed(0)
+    models: dict[str, torch.nn.Module] = {"captioner": CaptionerModel(config).train()}
+    if hf:
+        models["hf"] = hf_captioner(config, BOS, EOS, PAD).train()
+    images = torch.randn(batch_size, config.in_channels, *config.image_size)
+    batches = {kind: random_captions(config, batch_size, kind) for kind in captions}
+
+    def loss(name: str, tokens: torch.Tensor) -> Callable[[], torch.Tensor]:
+        if name == "hf":
+            return lambda: hf_loss(models["hf"], images, tokens, PAD)
+        return lambda: models["captioner"].caption_loss(images, tokens, PAD)[0]
+
+    steps = {
+        (name, dtype, kind): _training_step(model, loss(name, tokens), dtype)
+        for kind, tokens in batches.items()
+        for dtype in dtypes
+        for name, model in models.items()
+    }
+    flops = {key: counted_flops(step) for key, step in steps.items()}
+    timed = median_seconds(steps, repeats)
+    peaks = {dtype: matmul_peak(DTYPES[dtype], repeats=repeats) for dtype in dtypes}
+    rows = []
+    for (name, dtype, kind), seconds in timed.items():
+        tokens = float((batches[kind] != PAD).sum()) / batch_size
+        parameters = sum(p.numel() for p in models[name].parameters())
+        gflop = flops[name, dtype, kind] / batch_size / 1e9
+        speed, peak = batch_size / seconds, peaks[dtype] / 1e9
+        rows.append(
+            TrainingSpeed(name, dtype, kind, batch_size, tokens, parameters, speed, gflop, peak)
+        )
+    return rows
+
+
 @dataclass
 class Throughput:
-    """Images per second through one stage of training."""
+    """Images per second through the loader."""
 
-    stage: str  # "loader" (read, decode, augment, collate) or "train step" (fwd+bwd+AdamW)
     batch: int
     workers: int  # loader processes (0: the main process does the loading)
     images_per_s: float
@@ -165,15 +335,14 @@ def write_photo_dataset(folder: Path, count: int, size: tuple[int, int] = (480, 
 def data_benchmark(
     config: CaptionerConfig,
     *,
-    batch_size: int = 32,
+    batch_size: int = 64,
     workers: tuple[int, ...] = (0, 2),
     num_images: int = 256,
-    caption_tokens: int = 16,
     repeats: int = 3,
 ) -> list[Throughput]:
     """The JSONL loader (the path COCO, Karpathy and Flickr share) on COCO-sized JPEGs at the
-    model's image size, next to the model's training step on the same batch size: loading is
-    not the bottleneck while workers x images/s per worker exceeds the training rate."""
+    model's image size: loading is not the bottleneck while workers x images/s per worker
+    exceeds the training rate."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         annotations = write_photo_dataset(Path(tmp), num_images)
@@ -185,20 +354,5 @@ def data_benchmark(
             loader = datamodule.train_dataloader()
             seconds = median_seconds({"epoch": lambda loader=loader: list(loader)}, repeats)
             images = len(loader) * batch_size
-            rows.append(Throughput("loader", batch_size, count, images / seconds["epoch"]))
-    torch.manual_seed(0)
-    model = CaptionerModel(config).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    images = torch.randn(batch_size, config.in_channels, *config.image_size)
-    tokens = torch.randint(4, config.vocab_size, (batch_size, caption_tokens + 1))
-
-    def step() -> None:
-        logits = model(images, tokens[:, :-1])  # (B, T, vocab)
-        loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    seconds = median_seconds({"step": step}, repeats)["step"]
-    rows.append(Throughput("train step", batch_size, 0, batch_size / seconds))
+            rows.append(Throughput(batch_size, count, images / seconds["epoch"]))
     return rows

@@ -1,10 +1,13 @@
-"""Speed: python scripts/benchmark.py [--model tiny] [--image-size 224] [--only data] [--json]
+"""Speed, ours next to Hugging Face's: python scripts/benchmark.py [--model tiny] [--image-size 64]
+[--only training|generation|decoding|data] [--no-hf] [--json]
 
-decoding: captions/second for greedy and beam-3 search at batch 1 and 32 (20 tokens each), and
-the time per generated token at lengths 16, 32 and 64 with and without the KV cache.
-data: images/second through the JSONL/COCO loader (COCO-sized JPEGs, per worker) next to the
-model's training step at the same batch size.
-For a randomly initialised model of a `conf/model/` preset; medians of repeated runs.
+training: images/s of a training step (forward, backward, AdamW) in fp32 and under bf16
+autocast, for our model and for Hugging Face's VisionEncoderDecoderModel of the same
+architecture, with model FLOPs utilisation against this machine's matmul peak, measured here.
+generation: captions/s, greedy and beam 3, 20 tokens each, at batch 1 and 32, both models.
+decoding: our time per generated token at lengths 16, 32 and 64, with and without the KV cache.
+data: images/s through the JSONL/COCO loader (COCO-sized JPEGs, per worker).
+For randomly initialised models of a `conf/model/` preset; medians of repeated runs in turns.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import math
 import os
 import platform
 from pathlib import Path
+from typing import Any
 
 import torch
 from hydra import compose, initialize_config_dir
@@ -23,10 +27,21 @@ from omegaconf import OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from captioner.benchmark import Throughput, cache_summary, data_benchmark, decoding_benchmark
+from captioner.benchmark import (
+    Measurement,
+    Throughput,
+    TrainingSpeed,
+    cache_summary,
+    data_benchmark,
+    decoding_benchmark,
+    generation_benchmark,
+    training_benchmark,
+)
 from captioner.models import CaptionerConfig
 
 ROOT = Path(__file__).resolve().parents[1]
+PARTS = ("training", "generation", "decoding", "data")
+LABELS = {"captioner": "ours", "hf": "HF"}
 
 
 def preset_config(name: str, image_size: int, vocab_size: int) -> CaptionerConfig:
@@ -44,66 +59,127 @@ def preset_config(name: str, image_size: int, vocab_size: int) -> CaptionerConfi
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="tiny", help="a preset in conf/model/")
-    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--vocab-size", type=int, default=10_000, help="COCO-sized by default")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--train-batch", type=int, default=64, help="training and loader batch")
+    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32], help="decoding")
     parser.add_argument("--repeats", type=int, default=7, help="timed runs per figure")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="loader processes")
-    parser.add_argument("--only", choices=["decoding", "data"], help="run one part")
+    parser.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS))
+    parser.add_argument("--no-hf", action="store_true", help="leave out the Hugging Face model")
     parser.add_argument("--json", action="store_true", help="JSON on stdout instead of tables")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     config = preset_config(args.model, args.image_size, args.vocab_size)
-    rows, summary, loading = [], {}, []
-    if args.only in (None, "decoding"):
-        rows = decoding_benchmark(config, batch_sizes=tuple(args.batch_sizes), repeats=args.repeats)
-        summary = cache_summary(rows)
-    if args.only in (None, "data"):
-        loading = data_benchmark(config, workers=tuple(args.workers), repeats=args.repeats)
+    hf, batches, repeats = not args.no_hf, tuple(args.batch_sizes), args.repeats
+    training, generation, decoding, loading = [], [], [], []
+    if "training" in args.only:
+        training = training_benchmark(
+            config, batch_size=args.train_batch, dtypes=tuple(args.dtypes), repeats=repeats, hf=hf
+        )
+    if "generation" in args.only:
+        generation = generation_benchmark(config, batch_sizes=batches, repeats=repeats, hf=hf)
+    if "decoding" in args.only:
+        decoding = decoding_benchmark(config, batch_sizes=batches, repeats=repeats)
+    if "data" in args.only:
+        loading = data_benchmark(
+            config, batch_size=args.train_batch, workers=tuple(args.workers), repeats=3
+        )
     setting = {
         "model": args.model, "image_size": args.image_size, "vocab_size": args.vocab_size,
-        "threads": args.threads, "repeats": args.repeats, "torch": torch.__version__,
+        "caption_tokens": config.max_len, "threads": args.threads, "repeats": repeats,
+        "torch": torch.__version__,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.processor() or '?'}",
     }  # fmt: skip
     if args.json:
-        results = [dataclasses.asdict(row) for row in rows]
-        data = [{**dataclasses.asdict(r), "per_worker": r.per_worker} for r in loading]
-        report = {"setting": setting, "results": results, "summary": summary, "data": data}
+        report: dict[str, Any] = {
+            "setting": setting,
+            "training": [{**dataclasses.asdict(r), "mfu": r.mfu} for r in training],
+            "generation": [dataclasses.asdict(r) for r in generation],
+            "decoding": [dataclasses.asdict(r) for r in decoding],
+            "cache_summary": cache_summary(decoding),
+            "data": [{**dataclasses.asdict(r), "per_worker": r.per_worker} for r in loading],
+        }
         print(json.dumps(report, indent=2))
         return
-    console = Console()
+    console = Console(width=max(Console().width, 110))
     console.print(", ".join(f"{k}={v}" for k, v in setting.items()))
+    if training:
+        print_training(console, training)
+    if generation:
+        print_generation(console, generation)
+    if decoding:
+        print_decoding(console, decoding)
     if loading:
-        print_loading(console, loading)
-    if not rows:
-        return
-    table = Table(title="decoding (medians)")
-    for column in ("measure", "strategy", "batch", "tokens", "cache", "value"):
-        table.add_column(column, justify="left" if column in ("measure", "strategy") else "right")
+        print_loading(console, loading, training)
+
+
+def _ratio(ours: float, theirs: float | None) -> str:
+    return "" if theirs is None else f"{ours / theirs:.2f}x"
+
+
+def print_training(console: Console, rows: list[TrainingSpeed]) -> None:
+    table = Table(title=f"training step, batch {rows[0].batch} (medians)")
+    columns = ("captions", "dtype", "model", "images/s", "GFLOP/image", "GFLOP/s", "peak", "MFU")
+    for column in (*columns, "ours / HF"):
+        left = column in ("captions", "dtype", "model")
+        table.add_column(column, justify="left" if left else "right")
+    speed = {(r.model, r.dtype, r.captions): r.images_per_s for r in rows}
+    for r in rows:
+        theirs = speed.get(("hf", r.dtype, r.captions)) if r.model == "captioner" else None
+        table.add_row(
+            f"{r.captions} ({r.caption_tokens:.1f} tokens)", r.dtype, LABELS[r.model],
+            f"{r.images_per_s:.1f}", f"{r.gflop_per_image:.3f}",
+            f"{r.images_per_s * r.gflop_per_image:.1f}", f"{r.peak_gflops:.1f}",
+            f"{r.mfu:.0%}", _ratio(r.images_per_s, theirs),
+        )  # fmt: skip
+    console.print(table)
+    parameters = {LABELS[r.model]: f"{r.parameters:,}" for r in rows}
+    console.print("parameters: " + ", ".join(f"{k} {v}" for k, v in parameters.items()))
+
+
+def print_generation(console: Console, rows: list[Measurement]) -> None:
+    table = Table(title=f"generation, {rows[0].tokens} tokens per caption (medians, captions/s)")
+    for column in ("search", "batch", "ours", "HF", "ours / HF"):
+        table.add_column(column, justify="left" if column == "search" else "right")
+    value = {(r.model, r.strategy, r.batch): r.value for r in rows}
+    for (model, strategy, batch), ours in value.items():
+        if model == "captioner":
+            theirs = value.get(("hf", strategy, batch))
+            shown = "" if theirs is None else f"{theirs:.1f}"
+            table.add_row(strategy, str(batch), f"{ours:.1f}", shown, _ratio(ours, theirs))
+    console.print(table)
+
+
+def print_decoding(console: Console, rows: list[Measurement]) -> None:
+    table = Table(title="ours: ms per generated token, greedy (medians)")
+    for column in ("batch", "tokens", "cache", "ms/token"):
+        table.add_column(column, justify="right")
     for r in rows:
         cache = "yes" if r.cache else "no"
-        table.add_row(r.measure, r.strategy, str(r.batch), str(r.tokens), cache, f"{r.value:.2f}")
+        table.add_row(str(r.batch), str(r.tokens), cache, f"{r.value:.2f}")
     console.print(table)
-    for name, value in summary.items():
+    for name, value in cache_summary(rows).items():
         console.print(f"{name}: {value:.2f}x")
 
 
-def print_loading(console: Console, rows: list[Throughput]) -> None:
-    """Loader and training rates, and how many workers keep the model fed."""
-    table = Table(title="data loading vs training (medians, images/s)")
-    for column in ("stage", "batch", "workers", "images/s", "per worker"):
-        table.add_column(column, justify="left" if column == "stage" else "right")
+def print_loading(console: Console, rows: list[Throughput], training: list[TrainingSpeed]) -> None:
+    """Loader rates, and how many workers keep our fp32 training step fed."""
+    table = Table(title=f"data loading, batch {rows[0].batch} (medians, images/s)")
+    for column in ("workers", "images/s", "per worker"):
+        table.add_column(column, justify="right")
     for r in rows:
-        per_worker = f"{r.per_worker:.1f}" if r.stage == "loader" else ""
-        table.add_row(r.stage, str(r.batch), str(r.workers), f"{r.images_per_s:.1f}", per_worker)
+        table.add_row(str(r.workers), f"{r.images_per_s:.1f}", f"{r.per_worker:.1f}")
     console.print(table)
-    train = next(r.images_per_s for r in rows if r.stage == "train step")
-    one = next(r.per_worker for r in rows if r.stage == "loader")
-    console.print(
-        f"one loader process makes {one / train:.1f}x the images the training step consumes: "
-        f"{math.ceil(train / one)} worker(s) keep it fed"
-    )
+    train = next((r.images_per_s for r in training if r.model == "captioner"), None)
+    if train is not None:
+        one = rows[0].per_worker
+        console.print(
+            f"one loader process makes {one / train:.1f}x the images our training step consumes "
+            f"({train:.1f}/s): {math.ceil(train / one)} worker(s) keep it fed"
+        )
 
 
 if __name__ == "__main__":

@@ -284,19 +284,3 @@ def test_bad_options_name_the_key(
     with pytest.raises(ConfigError, match=key):
         run(model, images[:1], **options)
 
-
-def test_benchmark_reports_every_figure() -> None:
-    """The speed benchmark runs end to end on a tiny model (its timings are not checked here)."""
-    from captioner.benchmark import cache_summary, decoding_benchmark
-
-    rows = decoding_benchmark(
-        tiny_config(vocab_size=50), batch_sizes=(1, 2), caption_tokens=3, lengths=(2, 4), repeats=1
-    )
-    assert {(r.measure, r.strategy, r.batch) for r in rows if r.measure == "captions/s"} == {
-        ("captions/s", s, b) for s in ("greedy", "beam-3") for b in (1, 2)
-    }
-    assert {(r.batch, r.tokens, r.cache) for r in rows if r.measure == "ms/token"} == {
-        (b, n, c) for b in (1, 2) for n in (2, 4) for c in (True, False)
-    }
-    assert all(r.value > 0 for r in rows if r.measure == "captions/s")
-    assert len(cache_summary(rows)) == 2 * 3

@@ -1,0 +1,123 @@
+"""The speed benchmark and its Hugging Face baseline run end to end on tiny models; what they
+count is checked, their timings are not."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from conftest import tiny_config
+from torch.utils.flop_counter import FlopCounterMode
+
+from captioner.baseline import hf_captioner, hf_loss
+from captioner.benchmark import (
+    BOS,
+    EOS,
+    PAD,
+    cache_summary,
+    counted_flops,
+    decoding_benchmark,
+    generation_benchmark,
+    matmul_peak,
+    random_captions,
+    training_benchmark,
+)
+from captioner.models import CaptionerModel
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = tiny_config(vocab_size=50)
+
+
+def test_hf_baseline_has_our_architecture_and_loss() -> None:
+    hf = hf_captioner(CONFIG, BOS, EOS, PAD)
+    encoder, decoder = hf.config.encoder, hf.config.decoder
+    assert (encoder.hidden_size, encoder.num_hidden_layers, encoder.num_attention_heads) == (
+        CONFIG.encoder_dim, CONFIG.encoder_depth, CONFIG.encoder_heads,
+    )  # fmt: skip
+    assert (decoder.hidden_size, decoder.num_hidden_layers, decoder.num_attention_heads) == (
+        CONFIG.decoder_dim, CONFIG.decoder_depth, CONFIG.decoder_heads,
+    )  # fmt: skip
+    assert encoder.intermediate_size == 4 * CONFIG.encoder_dim
+    assert decoder.intermediate_size == 4 * CONFIG.decoder_dim
+    assert decoder.vocab_size == CONFIG.vocab_size and encoder.patch_size == CONFIG.patch_size
+    ours = CaptionerModel(CONFIG).num_parameters()
+    theirs = sum(p.numel() for p in hf.parameters())
+    assert abs(theirs - ours) / ours < 0.05  # a CLS token, biases and BERT's head transform
+    # its loss is the same teacher-forced loss: padded targets ignored
+    images, tokens = torch.randn(3, 3, 16, 24), random_captions(CONFIG, 3, "coco")
+    assert (tokens == PAD).any()
+    logits = hf(pixel_values=images, decoder_input_ids=tokens[:, :-1]).logits
+    expected = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(), ignore_index=PAD)
+    torch.testing.assert_close(hf_loss(hf, images, tokens, PAD), expected)
+
+
+def test_random_captions_are_well_formed() -> None:
+    full = random_captions(CONFIG, 5, "full")
+    assert full.shape == (5, CONFIG.max_len) and not (full == PAD).any()
+    assert (full[:, 0] == BOS).all() and (full[:, -1] == EOS).all()
+    coco = random_captions(CONFIG, 64, "coco")
+    lengths = (coco != PAD).sum(dim=1)
+    assert coco.shape[1] == lengths.max() and lengths.min() >= 7 and lengths.float().std() > 0
+    for row, length in zip(coco, lengths, strict=True):
+        assert row[0] == BOS and row[length - 1] == EOS and (row[length:] == PAD).all()
+        assert not ((row[1 : length - 1] == EOS) | (row[1 : length - 1] == PAD)).any()
+
+
+def test_counted_flops_include_cpu_attention() -> None:
+    batch, heads, length, dim = 2, 3, 5, 8
+    q, k, v = (torch.randn(batch, heads, length, dim, requires_grad=True) for _ in range(3))
+    with FlopCounterMode(display=False) as plain:
+        F.scaled_dot_product_attention(q, k, v).sum().backward()
+    flops = counted_flops(lambda: F.scaled_dot_product_attention(q, k, v).sum().backward())
+    # forward: QK^T and PV; backward: QK^T again and four gradient products (torch's rule)
+    assert flops == (2 + 5) * 2 * batch * heads * length * length * dim
+    assert plain.get_total_flops() < flops  # torch's own table misses the CPU kernel
+
+
+def test_training_benchmark_reports_both_models_and_counts_less_work_on_padding() -> None:
+    rows = training_benchmark(CONFIG, batch_size=4, repeats=1)
+    keys = {(r.model, r.dtype, r.captions) for r in rows}
+    assert keys == {
+        (m, d, c) for m in ("captioner", "hf") for d in ("fp32", "bf16") for c in ("full", "coco")
+    }
+    assert all(r.images_per_s > 0 and 0 < r.mfu and r.peak_gflops > 0 for r in rows)
+    flops = {(r.model, r.captions): r.gflop_per_image for r in rows if r.dtype == "fp32"}
+    # the same architecture on full captions: the same work, within HF's extras
+    assert abs(flops["captioner", "full"] / flops["hf", "full"] - 1) < 0.1
+    # on padded captions our loss never projects the padding
+    assert flops["captioner", "coco"] < flops["hf", "coco"]
+    assert flops["captioner", "coco"] < flops["captioner", "full"]
+
+
+def test_generation_and_decoding_benchmarks_report_every_figure() -> None:
+    rows = generation_benchmark(CONFIG, batch_sizes=(1, 2), caption_tokens=3, repeats=1)
+    assert {(r.model, r.strategy, r.batch) for r in rows} == {
+        (m, s, b) for m in ("captioner", "hf") for s in ("greedy", "beam-3") for b in (1, 2)
+    }
+    assert all(r.value > 0 and r.measure == "captions/s" for r in rows)
+    rows = decoding_benchmark(CONFIG, batch_sizes=(1, 2), lengths=(2, 4), repeats=1)
+    assert {(r.batch, r.tokens, r.cache) for r in rows} == {
+        (b, n, c) for b in (1, 2) for n in (2, 4) for c in (True, False)
+    }
+    assert len(cache_summary(rows)) == 2 * 3
+    assert matmul_peak(torch.float32, size=64, repeats=1) > 0
+
+
+def test_benchmark_script_writes_json() -> None:
+    command = [
+        sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--image-size", "32",
+        "--vocab-size", "40", "--train-batch", "2", "--batch-sizes", "1", "--repeats", "1",
+        "--dtypes", "fp32", "--only", "training", "generation", "--json",
+    ]  # fmt: skip
+    out = subprocess.run(command, capture_output=True, text=True, check=True, cwd=ROOT)
+    report = json.loads(out.stdout)
+    assert report["setting"]["model"] == "tiny" and report["setting"]["image_size"] == 32
+    assert {(r["model"], r["captions"]) for r in report["training"]} == {
+        (m, c) for m in ("captioner", "hf") for c in ("full", "coco")
+    }
+    assert all(0 < r["mfu"] for r in report["training"])
+    assert len(report["generation"]) == 4 and report["decoding"] == []

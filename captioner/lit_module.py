@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections import defaultdict
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from lightning import LightningModule
 from torch.optim import Optimizer
@@ -18,6 +20,10 @@ from captioner.generation import DecodingOptions, Generated, generate
 from captioner.inference import to_captions
 from captioner.metrics import GroundingMeter, box_coverage, caption_scores, grounding_loss
 from captioner.models import CaptionerConfig, CaptionerModel
+
+# Evaluation metrics are computed once, on rank 0, and broadcast: identical on every rank
+# without the reduction Lightning suggests for per-rank values.
+warnings.filterwarnings("ignore", r".*`self\.log\('(val|test)\w*/.*sync_dist=True.*")
 
 
 class TokenizerLike(Protocol):
@@ -50,6 +56,18 @@ def warmup_cosine_schedule(
     return LambdaLR(optimizer, factor)
 
 
+class EvalRow(NamedTuple):
+    """One scored image: what each process keeps, and rank 0 gathers, to score a split."""
+
+    image_id: Any
+    caption: str  # generated
+    references: list[str]
+    loss: float  # summed cross-entropy of its target tokens (reference 0, teacher-forced)
+    tokens: int  # how many target tokens that sum covers
+    scene: Any  # the ground truth, on data that has it (shapes), else None
+    grounding: GroundingMeter | None  # this caption's word -> object looks, with a scene
+
+
 class CaptionerLitModule(LightningModule):
     """Teacher-forced training; validation and test decode and score the captions.
 
@@ -61,6 +79,11 @@ class CaptionerLitModule(LightningModule):
     `attention_supervision` weighs `grounding_loss` against the caption loss, on data that knows
     which object each word names (shapes); on such data, validation and test also score
     grounding (`<split>/grounding/...`).
+
+    Under DDP each process decodes its share of a split; at the end of the epoch rank 0
+    gathers every image's row, keeps each image once, scores the split (pycocoevalcap's Java
+    runs there only) and broadcasts the metrics, so every rank logs, checkpoints and stops on
+    the same numbers. `predictions` then holds every image on rank 0.
     """
 
     def __init__(
@@ -101,22 +124,31 @@ class CaptionerLitModule(LightningModule):
             raise ConfigError(f"unknown decoding key: {err}") from None
         self.decoding.resolve_max_length(self.config)  # fail before training, not after
         self.spice = spice
-        self._outputs: dict[str, list[tuple[Any, str, list[str], Any]]] = defaultdict(list)
-        self._grounding: dict[str, GroundingMeter] = {}
-        # split -> {image id: caption}, kept after each validation or test epoch
+        self._outputs: dict[str, list[EvalRow]] = defaultdict(list)  # this process's share
+        # split -> {image id: caption}, kept after each validation or test epoch (on rank 0)
         self.predictions: dict[str, dict[Any, str]] = {}
 
     def loss(self, batch: dict[str, Any]) -> torch.Tensor:
-        """Next-word cross-entropy: inputs are tokens[:-1], targets tokens[1:]; pads ignored."""
-        return self._caption_loss(self.net(batch["images"], batch["tokens"][:, :-1]), batch)
+        """Next-word cross-entropy: inputs are tokens[:-1], targets tokens[1:]; pads ignored.
 
-    def _caption_loss(self, logits: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
-        return F.cross_entropy(
+        Fused with the output projection (`CaptionerModel.caption_loss`): no logits stored.
+        """
+        tokens, pad_id = batch["tokens"], self.tokenizer.pad_id
+        return self.net.caption_loss(batch["images"], tokens, pad_id, self.label_smoothing)[0]
+
+    def caption_losses(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each caption's summed cross-entropy (B,) and its number of target tokens (B,): what
+        evaluation adds up over a split, whichever process scored which image."""
+        targets = batch["tokens"][:, 1:]
+        logits = self.net(batch["images"], batch["tokens"][:, :-1])
+        losses = F.cross_entropy(
             logits.flatten(0, 1).float(),
-            batch["tokens"][:, 1:].flatten(),
+            targets.flatten(),
             ignore_index=self.tokenizer.pad_id,
             label_smoothing=self.label_smoothing,
+            reduction="none",
         )
+        return losses.view_as(targets).sum(1), (targets != self.tokenizer.pad_id).sum(1)
 
     def supervised_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """Caption loss and grounding loss, from one pass through the explicit attention path.
@@ -129,15 +161,17 @@ class CaptionerLitModule(LightningModule):
                 "model.attention_supervision needs to know which object each word names, which "
                 "only data=shapes provides: set model.attention_supervision=0 for this data."
             )
-        memory, _ = self.net.encoder(batch["images"])
-        out = self.net.decoder(batch["tokens"][:, :-1], memory, need_weights=True)
-        assert out.cross_attention is not None
+        loss, cross_attention = self.net.caption_loss(
+            batch["images"], batch["tokens"], self.tokenizer.pad_id, self.label_smoothing,
+            need_weights=True,
+        )  # fmt: skip
+        assert cross_attention is not None
         prefix = self.net.encoder.num_prefix_tokens
         coverage, _ = box_coverage(
             batch["word_boxes"][:, 1:], self.config.grid_size, self.config.patch_size
         )  # (B, T - 1, grid_h, grid_w)
-        cross = [layer[..., prefix:] for layer in out.cross_attention]
-        return self._caption_loss(out.logits, batch), grounding_loss(cross, coverage.flatten(2))
+        cross = [layer[..., prefix:] for layer in cross_attention]
+        return loss, grounding_loss(cross, coverage.flatten(2))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         if not batch["image_ids"]:  # every sample in it was bad and skipped
@@ -166,34 +200,36 @@ class CaptionerLitModule(LightningModule):
     def _eval_step(self, batch: dict[str, Any]) -> None:
         if not batch["image_ids"]:  # every sample in it was bad and skipped
             return
-        split = batch["split"]
-        self.log(
-            f"{split}/loss", self.loss(batch), batch_size=len(batch["tokens"]),
-            add_dataloader_idx=False, prog_bar=split == "val",
-        )  # fmt: skip
+        losses, counts = self.caption_losses(batch)
         scenes = batch.get("scenes")
         out = self.generate(batch["images"], need_weights=scenes is not None)
-        if scenes is not None:
-            self._score_grounding(split, out, list(scenes))
+        size = len(batch["image_ids"])
         rows = zip(
             batch["image_ids"],
             [self.tokenizer.decode(row.tolist()) for row in out.tokens],
             batch["references"],
-            scenes or [None] * len(batch["image_ids"]),
+            losses.tolist(),
+            counts.tolist(),
+            scenes or [None] * size,
+            self._grounding_meters(out, list(scenes)) if scenes is not None else [None] * size,
             strict=True,
         )
-        self._outputs[split].extend(rows)
+        self._outputs[batch["split"]].extend(EvalRow(*row) for row in rows)
 
-    def _score_grounding(self, split: str, out: Generated, scenes: list[Any]) -> None:
-        """Adds each generated caption's word -> object looks to the split's grounding meter."""
-        meter = self._grounding.setdefault(split, GroundingMeter(self.config.patch_size))
+    def _grounding_meters(self, out: Generated, scenes: list[Any]) -> list[GroundingMeter]:
+        """Each generated caption's word -> object looks, in a meter of its own, so that an image
+        seen twice (DDP padding) can be counted once."""
+        meters = []
         for scene, caption in zip(
             scenes, to_captions(out, self.tokenizer, self.net.encoder), strict=True
         ):
             words = [w for w in caption.words if w != "<eos>"]
             assert caption.cross_attention is not None
+            meter = GroundingMeter(self.config.patch_size)
             boxes = [obj.box for obj in scene.objects]
             meter.update(caption.cross_attention, scene.align(words), boxes)
+            meters.append(meter)
+        return meters
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_step(batch)
@@ -201,28 +237,38 @@ class CaptionerLitModule(LightningModule):
     def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step(batch)
 
+    def _score(self, split: str, rows: list[EvalRow]) -> dict[str, float]:
+        """The split's metrics over all of its images."""
+        predictions = {row.image_id: row.caption for row in rows}
+        references = {row.image_id: row.references for row in rows}
+        is_test = split.startswith("test")  # METEOR's Java start-up is kept out of val
+        metrics = caption_scores(
+            predictions, references, meteor=is_test, spice=is_test and self.spice
+        )
+        # per target token over the split, as a single process over one batch would have it
+        metrics["loss"] = sum(row.loss for row in rows) / max(1, sum(row.tokens for row in rows))
+        if rows[0].scene is not None:  # ground truth known: is every caption fully correct?
+            correct = [row.scene.caption_is_correct(row.caption) for row in rows]
+            metrics["scene_acc"] = sum(correct) / len(correct)
+        meters = [row.grounding for row in rows if row.grounding is not None]
+        if meters:
+            meter = GroundingMeter(self.config.patch_size)
+            for part in meters:
+                meter.merge(part)
+            metrics.update(meter.compute())
+        return metrics
+
     def _eval_epoch_end(self) -> None:
-        for split, rows in self._outputs.items():
-            predictions = {image_id: caption for image_id, caption, _, _ in rows}
-            references = {image_id: refs for image_id, _, refs, _ in rows}
-            is_test = split.startswith("test")  # METEOR's Java start-up is kept out of val
-            metrics = caption_scores(
-                predictions, references, meteor=is_test, spice=is_test and self.spice
-            )
-            if rows[0][3] is not None:  # ground truth known: is every caption fully correct?
-                correct = [scene.caption_is_correct(caption) for _, caption, _, scene in rows]
-                metrics["scene_acc"] = sum(correct) / len(correct)
-            if split in self._grounding:
-                metrics.update(self._grounding.pop(split).compute())
-            for name, value in metrics.items():
-                self.log(
-                    f"{split}/{name}",
-                    value,
-                    add_dataloader_idx=False,
-                    prog_bar=name in ("CIDEr", "scene_acc"),
-                )
-            self.predictions[split] = predictions
+        splits = gather_rows(dict(self._outputs))
         self._outputs.clear()
+        metrics: dict[str, float] = {}
+        for split, rows in (splits or {}).items():  # rank 0 only
+            metrics.update({f"{split}/{k}": v for k, v in self._score(split, rows).items()})
+            self.predictions[split] = {row.image_id: row.caption for row in rows}
+        for name, value in broadcast_metrics(metrics).items():
+            split, key = name.split("/", 1)
+            shown = key in ("CIDEr", "scene_acc") or (key == "loss" and split == "val")
+            self.log(name, value, add_dataloader_idx=False, prog_bar=shown)
 
     def on_validation_epoch_end(self) -> None:
         self._eval_epoch_end()
@@ -265,3 +311,40 @@ class CaptionerLitModule(LightningModule):
             "preprocess": self.preprocess,
             "data": self.data_config,
         }
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_rows(outputs: dict[str, list[EvalRow]]) -> dict[str, list[EvalRow]] | None:
+    """Every process's rows, per split, on rank 0 (None on the others), each image once.
+
+    Duplicates are dropped by image id: a sampler that pads the last batch by repeating
+    images (Lightning's default under DDP) must not count them twice.
+    """
+    rank, world_size = _rank_and_world()
+    parts: list[Any] = [outputs]
+    if world_size > 1:
+        parts = [None] * world_size
+        dist.gather_object(outputs, parts if rank == 0 else None, dst=0)
+        if rank != 0:
+            return None
+    merged: dict[str, dict[Any, EvalRow]] = {}
+    for part in parts:
+        for split, rows in part.items():
+            unique = merged.setdefault(split, {})
+            for row in rows:
+                unique.setdefault(row.image_id, row)
+    return {split: list(rows.values()) for split, rows in merged.items()}
+
+
+def broadcast_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """Rank 0's metrics on every rank."""
+    if _rank_and_world()[1] == 1:
+        return metrics
+    box = [metrics]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -11,10 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch.distributed as dist
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import MissingMandatoryValue
 from torch.utils.data import DataLoader
@@ -69,11 +73,27 @@ def _instantiate_group(group: DictConfig | None) -> list[Any]:
     return [_instantiate(node) for node in group.values() if node and "_target_" in node]
 
 
+def _check_processes_can_start(trainer: L.Trainer) -> None:
+    """Lightning starts the other DDP processes by re-running the command line, which under a
+    `-m` sweep would start a sweep of its own in each of them."""
+    environment = getattr(trainer.strategy, "cluster_environment", None)
+    if environment is None or environment.creates_processes_externally:
+        return  # one process per device already (SLURM, torchrun), or a single device
+    if trainer.num_devices * trainer.num_nodes == 1:
+        return
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        raise ConfigError(
+            "a -m sweep cannot start the DDP processes itself: use hydra/launcher=slurm, which "
+            "starts one task per device, or run each setting without -m."
+        )
+
+
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Fit on the training split, then test the best checkpoint; returns (metrics, objects).
 
     The metrics are flat (`test/scene_acc`, `test/CIDEr`, ...) and are also written to
-    `${paths.output_dir}/metrics.json`.
+    `${paths.output_dir}/metrics.json`. Under DDP every process runs this and returns the
+    same metrics; rank 0 alone writes the files.
     """
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
@@ -87,12 +107,14 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         callbacks=_instantiate_group(cfg.get("callbacks")),
         logger=_instantiate_group(cfg.get("logger")) or False,
     )
+    _check_processes_can_start(trainer)
     num_params = model.net.num_parameters()
-    for logger in trainer.loggers:
+    for logger in trainer.loggers:  # Lightning's loggers write on rank 0 only
         logger.log_hyperparams(
             {**OmegaConf.to_container(cfg, resolve=True), "num_params": num_params}
         )
-    log.info("model: %s parameters", f"{num_params:,}")
+    if rank_zero_only.rank == 0:
+        log.info("model: %s parameters", f"{num_params:,}")
 
     fit_seconds = 0.0
     if cfg.get("train", True):
@@ -113,9 +135,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         trainer.test(model, datamodule=datamodule, ckpt_path=ckpt or None, verbose=False)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test")}
     metrics["train/seconds"] = round(fit_seconds, 1)
-    metrics.update(_data_metrics(datamodule))
+    metrics.update(_data_metrics(datamodule, trainer))
 
-    metrics_path = _write_json(cfg, "metrics.json", dict(sorted(metrics.items())))
+    metrics_path = _write_json(cfg, "metrics.json", dict(sorted(metrics.items())), trainer)
     objects = {
         "cfg": cfg, "datamodule": datamodule, "model": model, "trainer": trainer,
         "metrics_path": metrics_path,
@@ -123,20 +145,30 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     return metrics, objects
 
 
-def _data_metrics(datamodule: Any) -> dict[str, float]:
-    """How many bad samples were skipped, when skipping is allowed: never a silent loss."""
+def _data_metrics(datamodule: Any, trainer: L.Trainer) -> dict[str, float]:
+    """How many bad samples were skipped, when skipping is allowed: never a silent loss.
+
+    Each process met only the samples of its own share: the count covers all of them.
+    """
     if datamodule.bad_samples.policy != "skip":
         return {}
-    log.info("skipped %d bad samples, each logged above", len(datamodule.bad_samples))
-    return {"data/skipped_samples": float(len(datamodule.bad_samples))}
+    skipped = set(datamodule.bad_samples.skipped)
+    if dist.is_available() and dist.is_initialized() and trainer.world_size > 1:
+        shares: list[Any] = [None] * trainer.world_size
+        dist.all_gather_object(shares, skipped)
+        skipped = set().union(*shares)
+    if trainer.is_global_zero:
+        log.info("skipped %d bad samples, each logged above", len(skipped))
+    return {"data/skipped_samples": float(len(skipped))}
 
 
-def _write_json(cfg: DictConfig, name: str, value: Any) -> Path:
-    """Write `value` under this run's output folder; returns the path."""
+def _write_json(cfg: DictConfig, name: str, value: Any, trainer: L.Trainer | None = None) -> Path:
+    """Write `value` under this run's output folder (on rank 0 only); returns the path."""
     output_dir = Path(cfg.paths.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     path = output_dir / name
-    path.write_text(json.dumps(value, indent=2) + "\n")
+    if trainer is None or trainer.is_global_zero:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(value, indent=2) + "\n")
     return path
 
 
@@ -194,13 +226,13 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     )
     trainer.test(model, datamodule=datamodule, verbose=False)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test")}
-    metrics.update(_data_metrics(datamodule))
+    metrics.update(_data_metrics(datamodule, trainer))
     prediction_paths = {}
-    for split, captions in model.predictions.items():
+    for split, captions in model.predictions.items():  # every image, on rank 0 only
         name = "predictions.json" if split == "test" else f"predictions_{split}.json"
         results = [{"image_id": k, "caption": captions[k]} for k in sorted(captions)]
-        prediction_paths[split] = _write_json(cfg, name, results)
-    metrics_path = _write_json(cfg, "metrics.json", dict(sorted(metrics.items())))
+        prediction_paths[split] = _write_json(cfg, name, results, trainer)
+    metrics_path = _write_json(cfg, "metrics.json", dict(sorted(metrics.items())), trainer)
     objects = {
         "cfg": cfg, "datamodule": datamodule, "model": model, "trainer": trainer,
         "metrics_path": metrics_path, "prediction_paths": prediction_paths,

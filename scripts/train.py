@@ -19,7 +19,8 @@ from captioner.tasks import train  # noqa: E402
 def main(cfg: DictConfig) -> None:
     with user_errors():
         metrics, objects = train(cfg)
-    print_metrics(metrics, objects["metrics_path"])
+    if objects["trainer"].is_global_zero:  # the other DDP processes return the same metrics
+        print_metrics(metrics, objects["metrics_path"])
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Tiny datasets in every supported format, written on the fly with real image files and tars.
+"""Tiny datasets in every supported format, written on the fly with real image files and tars,
+and a callback that records what each process of a distributed run did.
 
 Images are shapes scenes, so the captions describe them; the test split carries the word
 "zebra", which must never reach the vocabulary (it is built from training captions only).
@@ -6,12 +7,17 @@ Images are shapes scenes, so the captions describe them; the test split carries 
 
 from __future__ import annotations
 
+import atexit
 import csv
 import io
 import json
+import os
+import sys
 import tarfile
 from pathlib import Path
+from typing import Any
 
+from lightning import Callback, LightningModule, Trainer
 from PIL import Image
 
 from captioner.data import ShapesWorld
@@ -160,3 +166,64 @@ def write_webdataset(root: Path) -> dict[str, str]:
         "val_shards": write_shards(root, "val", 1, 4),
         "test_shards": write_shards(root, "test", 1, 4),
     }
+
+
+class DistributedProbe(Callback):
+    """What one process of a DDP run did, written to `probe_rank<r>.json` in the run folder when
+    it exits: the image ids it trained on, the ids of its last validation and of its test per
+    split, the metrics and best checkpoint it ended with, the captions it holds, and every file
+    it opened for writing in the run folder and every Java process it started (audit hooks see
+    both, whatever the code that does it). Given to `scripts/train.py` as
+    `+callbacks.probe._target_=builders.DistributedProbe`.
+    """
+
+    def __init__(self) -> None:
+        self.record: dict[str, Any] = {"train": [], "val": {}, "test": {}, "writes": [], "java": 0}
+        self.rank: int | None = None
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self.rank is not None:  # set up again for the test
+            return
+        self.rank, self.folder = trainer.global_rank, Path(trainer.default_root_dir).resolve()
+        self.path = self.folder / f"probe_rank{self.rank}.json"
+        sys.addaudithook(self._audit)
+        atexit.register(lambda: self.path.write_text(json.dumps(self.record)))
+
+    def _audit(self, event: str, args: tuple) -> None:
+        if event == "subprocess.Popen" and "java" in str(args[0]):
+            self.record["java"] += 1
+        if event == "open" and isinstance(args[0], str | Path):
+            mode, flags = args[1], args[2]
+            if any(c in mode for c in "wax+") if mode else flags & (os.O_WRONLY | os.O_RDWR):
+                self._wrote(args[0])
+        elif event in ("os.rename", "os.link", "os.symlink"):  # a file written elsewhere, moved in
+            self._wrote(args[1])
+
+    def _wrote(self, name: str | Path) -> None:
+        path = Path(name).resolve()
+        if path != self.path and path.is_relative_to(self.folder):
+            self.record["writes"].append(path.relative_to(self.folder).as_posix())
+
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self.record["train"] += list(batch["image_ids"])
+
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.record["val"] = {}
+
+    def on_validation_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, *args: int
+    ) -> None:
+        if not trainer.sanity_checking:
+            self.record["val"].setdefault(batch["split"], []).extend(batch["image_ids"])
+
+    def on_test_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, *args: int
+    ) -> None:
+        self.record["test"].setdefault(batch["split"], []).extend(batch["image_ids"])
+
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.record["metrics"] = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        self.record["best"] = trainer.checkpoint_callback.best_model_path
+        self.record["predictions"] = {s: sorted(p) for s, p in pl_module.predictions.items()}

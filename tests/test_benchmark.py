@@ -84,7 +84,7 @@ def test_training_benchmark_reports_both_models_and_counts_less_work_on_padding(
     assert keys == {
         (m, d, c) for m in ("captioner", "hf") for d in ("fp32", "bf16") for c in ("full", "coco")
     }
-    assert all(r.images_per_s > 0 and 0 < r.mfu and r.peak_gflops > 0 for r in rows)
+    assert all(r.images_per_s > 0 and r.mfu > 0 and r.peak_gflops > 0 for r in rows)
     flops = {(r.model, r.captions): r.gflop_per_image for r in rows if r.dtype == "fp32"}
     # the same architecture on full captions: the same work, within HF's extras
     assert abs(flops["captioner", "full"] / flops["hf", "full"] - 1) < 0.1
@@ -119,5 +119,5 @@ def test_benchmark_script_writes_json() -> None:
     assert {(r["model"], r["captions"]) for r in report["training"]} == {
         (m, c) for m in ("captioner", "hf") for c in ("full", "coco")
     }
-    assert all(0 < r["mfu"] for r in report["training"])
+    assert all(r["mfu"] > 0 for r in report["training"])
     assert len(report["generation"]) == 4 and report["decoding"] == []

@@ -283,4 +283,3 @@ def test_bad_options_name_the_key(
 ) -> None:
     with pytest.raises(ConfigError, match=key):
         run(model, images[:1], **options)
-

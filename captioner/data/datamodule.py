@@ -9,8 +9,10 @@ from typing import Any
 
 import torch
 from lightning import LightningDataModule
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from lightning.pytorch.strategies import FSDPStrategy
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from captioner.data.collate import CaptionCollator
 from captioner.data.policy import BadSampleLog
@@ -113,11 +115,31 @@ class CaptionDataModule(LightningDataModule):
             self._datasets[name] = self.dataset(name)
         return self._datasets[name]
 
+    def eval_sampler(self, split: str) -> Sampler | None:
+        """Under DDP, this process's share of an evaluation split, every image in exactly one
+        share. Lightning's own DistributedSampler would pad the last batch with repeats; ranks
+        may then run one batch fewer, which evaluation allows. Not under FSDP, whose every
+        forward needs all ranks: there the repeats stay, and scoring counts each image once.
+        """
+        trainer = self.trainer
+        if trainer is None or trainer.world_size == 1 or isinstance(trainer.strategy, FSDPStrategy):
+            return None
+        dataset = self.split(split)
+        if len(dataset) < trainer.world_size:
+            raise ConfigError(
+                f"the {split} split has {len(dataset)} images for {trainer.world_size} processes: "
+                "every process needs at least one; use fewer devices or more images."
+            )
+        return UnrepeatedDistributedSampler(
+            dataset, shuffle=False, **trainer.distributed_sampler_kwargs
+        )
+
     def _loader(self, split: str, train: bool) -> DataLoader:
         return DataLoader(
             self.split(split),
             batch_size=self.batch_size,
             shuffle=train,
+            sampler=None if train else self.eval_sampler(split),
             drop_last=train,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

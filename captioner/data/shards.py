@@ -4,8 +4,11 @@ img2dataset writes them, streamed with the `webdataset` library.
 Shards are dealt out first across DDP ranks, then across each rank's loader workers, so every
 sample is read once per epoch by exactly one worker. Training reshuffles the shard order each
 epoch (the same order on every rank, then split) and shuffles samples in a buffer; validation
-and test read a fixed shard list in order. A broken shard or sample becomes a `BadSample`, so
-the bad-sample policy applies in the main process as for image files.
+and test read a fixed shard list in order. An evaluation split with fewer shards than ranks
+(one validation shard on eight GPUs) is dealt out by sample instead: every rank reads all of
+the shards and keeps every `world_size`-th sample, so each is still scored exactly once.
+A broken shard or sample becomes a `BadSample`, so the bad-sample policy applies in the
+main process as for image files.
 """
 
 from __future__ import annotations
@@ -130,10 +133,14 @@ class ShardStream(IterableDataset):
             shards = list(self.shards)
             if self.shuffle:
                 random.Random(f"{self.seed}/{epoch}").shuffle(shards)
-            mine = assign_shards(shards, self.rank, self.world_size, worker, num_workers)
+            by_sample = not self.shuffle and len(shards) < self.world_size
+            rank, world_size = (0, 1) if by_sample else (self.rank, self.world_size)
+            mine = assign_shards(shards, rank, world_size, worker, num_workers)
             if not mine:  # more workers than shards: this one has nothing to read, ever
                 return
             samples = read_shards(mine)
+            if by_sample:  # every rank reads the same stream in the same order: take a share
+                samples = islice(samples, self.rank, None, self.world_size)
             if self.shuffle and self.shuffle_buffer > 1:
                 rng = random.Random(f"{self.seed}/{epoch}/{self.rank}/{worker}")
                 samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(
@@ -247,7 +254,7 @@ class WebDataModule(ImageDataModule):
                 "it ranks read different numbers of samples and the first to finish waits "
                 "forever for the others."
             )
-        if len(stream.shards) < stream.world_size:
+        if train and len(stream.shards) < stream.world_size:
             raise ConfigError(
                 f"data.{split}_shards has {len(stream.shards)} shards for {stream.world_size} "
                 "processes: every process needs at least one shard; split the data finer."

@@ -86,6 +86,17 @@ class GroundingMeter:
             self.mass += (word * coverage.flatten()).sum(-1) / word.sum(-1)
             self.words += 1
 
+    def merge(self, other: GroundingMeter) -> None:
+        """Add another meter's counts: one caption's, or another process's share of a split."""
+        if other.hits is None or other.mass is None:
+            return
+        if self.hits is None or self.mass is None:
+            self.hits, self.mass = other.hits.clone(), other.mass.clone()
+        else:
+            self.hits += other.hits
+            self.mass += other.mass
+        self.words += other.words
+
     def compute(self) -> dict[str, float]:
         """Flat metrics: `grounding/pointing_acc` is the best layer's head mean (its index in
         `grounding/best_layer`); every layer, head and mean has its own key."""

@@ -78,7 +78,9 @@ class CaptionerLitModule(LightningModule):
     fields for validation and test (greedy by default); `spice` adds SPICE to test metrics.
     `attention_supervision` weighs `grounding_loss` against the caption loss, on data that knows
     which object each word names (shapes); on such data, validation and test also score
-    grounding (`<split>/grounding/...`).
+    grounding (`<split>/grounding/...`). `compile` runs the training loss (forward and
+    backward) through `torch.compile`: a GPU speed-up; on CPUs the step is matmul-bound and
+    the first step's compilation costs more than it saves.
 
     Under DDP each process decodes its share of a split; at the end of the epoch rank 0
     gathers every image's row, keeps each image once, scores the split (pycocoevalcap's Java
@@ -96,6 +98,7 @@ class CaptionerLitModule(LightningModule):
         attention_supervision: float = 0.0,
         decoding: dict[str, Any] | None = None,
         spice: bool = False,
+        compile: bool = False,
         **architecture: Any,
     ) -> None:
         super().__init__()
@@ -118,6 +121,11 @@ class CaptionerLitModule(LightningModule):
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.label_smoothing = label_smoothing
         self.attention_supervision = attention_supervision
+        # torch.compile covers the training loss only: decoding's cache grows by one position
+        # per step, which would recompile at every step, so evaluation stays eager
+        self._train_loss = (
+            torch.compile(self.net.caption_loss) if compile else self.net.caption_loss
+        )
         try:
             self.decoding = DecodingOptions(**(decoding or {}))
         except TypeError as err:
@@ -134,7 +142,7 @@ class CaptionerLitModule(LightningModule):
         Fused with the output projection (`CaptionerModel.caption_loss`): no logits stored.
         """
         tokens, pad_id = batch["tokens"], self.tokenizer.pad_id
-        return self.net.caption_loss(batch["images"], tokens, pad_id, self.label_smoothing)[0]
+        return self._train_loss(batch["images"], tokens, pad_id, self.label_smoothing)[0]
 
     def caption_losses(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """Each caption's summed cross-entropy (B,) and its number of target tokens (B,): what
@@ -161,7 +169,7 @@ class CaptionerLitModule(LightningModule):
                 "model.attention_supervision needs to know which object each word names, which "
                 "only data=shapes provides: set model.attention_supervision=0 for this data."
             )
-        loss, cross_attention = self.net.caption_loss(
+        loss, cross_attention = self._train_loss(
             batch["images"], batch["tokens"], self.tokenizer.pad_id, self.label_smoothing,
             need_weights=True,
         )  # fmt: skip

@@ -92,6 +92,28 @@ def test_label_smoothing_is_validated(shapes_batch: tuple) -> None:
         lit_module(shapes_batch[0], label_smoothing=1.5)
 
 
+def test_compiled_training_loss_matches_eager(shapes_batch: tuple) -> None:
+    """model.compile=true: the same loss and gradients as eager, through a compiled graph."""
+    dm, batch = shapes_batch
+    modules = []
+    for compile_ in (False, True):
+        torch.manual_seed(0)
+        modules.append(lit_module(dm, compile=compile_).train())
+    eager, compiled = modules
+    frames = torch._dynamo.utils.counters["frames"]["ok"]
+    losses = [module.loss(batch) for module in modules]
+    assert torch._dynamo.utils.counters["frames"]["ok"] > frames  # dynamo did compile it
+    torch.testing.assert_close(losses[1], losses[0])
+    for loss in losses:
+        loss.backward()
+    for (name, p), q in zip(eager.named_parameters(), compiled.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+    # evaluation runs eager: the same generated captions
+    assert torch.equal(
+        eager.generate(batch["images"]).tokens, compiled.generate(batch["images"]).tokens
+    )
+
+
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_runs_with_fast_dev_run(
     experiment: str, train_cfg: Callable[..., DictConfig], tmp_path: Path

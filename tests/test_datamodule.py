@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 
 from captioner.data import ShapesDataModule
@@ -73,3 +75,15 @@ def test_word_boxes_follow_the_reference_each_image_is_trained_on() -> None:
             assert boxes[position].tolist() == list(expected)
             named += k >= 0
     assert named > 16  # every caption names at least one object, most several words each
+
+
+def test_batches_are_pinned_only_for_a_gpu() -> None:
+    """Pinning helps copies to a GPU; on a CPU run it would only cost time."""
+    dm = ShapesDataModule(image_size=32, num_train=8, num_val=4, num_test=4, batch_size=2)
+    assert dm.pin_memory and not dm.pins_memory()  # no trainer yet
+    for device, pinned in (("cpu", False), ("cuda", True)):
+        dm.trainer = SimpleNamespace(root_device=torch.device(device), world_size=1)
+        assert dm.pins_memory() is pinned
+        assert dm.val_dataloader().pin_memory is pinned
+    dm.pin_memory = False
+    assert not dm.pins_memory()

@@ -115,6 +115,13 @@ class CaptionDataModule(LightningDataModule):
             self._datasets[name] = self.dataset(name)
         return self._datasets[name]
 
+    def pins_memory(self) -> bool:
+        """Pinned batches let the copy to the GPU overlap compute; with no GPU to copy to,
+        pinning would only cost time (and PyTorch warns), so `pin_memory` asks only then."""
+        return (
+            self.pin_memory and self.trainer is not None and self.trainer.root_device.type == "cuda"
+        )
+
     def eval_sampler(self, split: str) -> Sampler | None:
         """Under DDP, this process's share of an evaluation split, every image in exactly one
         share. Lightning's own DistributedSampler would pad the last batch with repeats; ranks
@@ -143,7 +150,7 @@ class CaptionDataModule(LightningDataModule):
             drop_last=train,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
-            pin_memory=self.pin_memory,
+            pin_memory=self.pins_memory(),
             collate_fn=self.collator(split, train),
         )
 
@@ -171,7 +178,7 @@ class ImageDataModule(CaptionDataModule):
         num_workers: int = 4,
         max_len: int = 32,
         min_freq: int = 5,
-        pin_memory: bool = False,
+        pin_memory: bool = True,
         on_bad_sample: str = "error",
         augment: bool = True,
         min_crop_area: float = 0.8,
@@ -204,7 +211,7 @@ class ShapesDataModule(CaptionDataModule):
         num_workers: int = 0,
         max_len: int = 32,
         min_freq: int = 1,
-        pin_memory: bool = False,
+        pin_memory: bool = True,
     ) -> None:
         super().__init__(batch_size, num_workers, max_len, min_freq, pin_memory)
         for name, value in (("num_train", num_train), ("num_val", num_val), ("num_test", num_test)):

@@ -268,7 +268,7 @@ class WebDataModule(ImageDataModule):
             batch_size=self.batch_size,
             drop_last=train,
             num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
+            pin_memory=self.pins_memory(),
             collate_fn=self.collator(split, train),
         )
         loader.epoch = self.trainer.current_epoch if self.trainer is not None else 0  # resumes

@@ -262,15 +262,21 @@ def training_benchmark(
     captions: tuple[str, ...] = CAPTIONS,
     repeats: int = 7,
     hf: bool = True,
+    compiled: bool = False,
 ) -> list[TrainingSpeed]:
     """Images/second and MFU of our training step and, with `hf`, of Hugging Face's, on the
-    same images and captions (`random_captions`), batch and threads.
+    same images and captions (`random_captions`), batch and threads; with `compiled`, also
+    ours through `torch.compile` (what `model.compile=true` trains with).
 
     FLOPs are those each model executes: padded positions our loss never projects are not
-    counted for us, while Hugging Face's model computes and counts them.
+    counted for us, while Hugging Face's model computes and counts them. The compiled step
+    does the same work as the eager one, and is counted as such.
     """
     torch.manual_seed(0)
-    models: dict[str, torch.nn.Module] = {"captioner": CaptionerModel(config).train()}
+    ours = CaptionerModel(config).train()
+    models: dict[str, torch.nn.Module] = {"captioner": ours}
+    if compiled:
+        models["compiled"] = ours
     if hf:
         models["hf"] = hf_captioner(config, BOS, EOS, PAD).train()
     images = torch.randn(batch_size, config.in_channels, *config.image_size)
@@ -279,7 +285,8 @@ def training_benchmark(
     def loss(name: str, tokens: torch.Tensor) -> Callable[[], torch.Tensor]:
         if name == "hf":
             return lambda: hf_loss(models["hf"], images, tokens, PAD)
-        return lambda: models["captioner"].caption_loss(images, tokens, PAD)[0]
+        caption_loss = torch.compile(ours.caption_loss) if name == "compiled" else ours.caption_loss
+        return lambda: caption_loss(images, tokens, PAD)[0]
 
     steps = {
         (name, dtype, kind): _training_step(model, loss(name, tokens), dtype)
@@ -287,7 +294,12 @@ def training_benchmark(
         for dtype in dtypes
         for name, model in models.items()
     }
-    flops = {key: counted_flops(step) for key, step in steps.items()}
+    flops = {
+        (name, dtype, kind): counted_flops(
+            steps["captioner" if name == "compiled" else name, dtype, kind]
+        )
+        for name, dtype, kind in steps
+    }
     timed = median_seconds(steps, repeats)
     peaks = {dtype: matmul_peak(DTYPES[dtype], repeats=repeats) for dtype in dtypes}
     rows = []

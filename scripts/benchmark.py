@@ -41,7 +41,7 @@ from captioner.models import CaptionerConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("training", "generation", "decoding", "data")
-LABELS = {"captioner": "ours", "hf": "HF"}
+LABELS = {"captioner": "ours", "compiled": "ours, compiled", "hf": "HF"}
 
 
 def preset_config(name: str, image_size: int, vocab_size: int) -> CaptionerConfig:
@@ -69,6 +69,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="loader processes")
     parser.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS))
     parser.add_argument("--no-hf", action="store_true", help="leave out the Hugging Face model")
+    parser.add_argument(
+        "--compile", action="store_true", help="also train ours through torch.compile"
+    )
     parser.add_argument("--json", action="store_true", help="JSON on stdout instead of tables")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -77,8 +80,9 @@ def main() -> None:
     training, generation, decoding, loading = [], [], [], []
     if "training" in args.only:
         training = training_benchmark(
-            config, batch_size=args.train_batch, dtypes=tuple(args.dtypes), repeats=repeats, hf=hf
-        )
+            config, batch_size=args.train_batch, dtypes=tuple(args.dtypes), repeats=repeats,
+            hf=hf, compiled=args.compile,
+        )  # fmt: skip
     if "generation" in args.only:
         generation = generation_benchmark(config, batch_sizes=batches, repeats=repeats, hf=hf)
     if "decoding" in args.only:
@@ -128,7 +132,7 @@ def print_training(console: Console, rows: list[TrainingSpeed]) -> None:
         table.add_column(column, justify="left" if left else "right")
     speed = {(r.model, r.dtype, r.captions): r.images_per_s for r in rows}
     for r in rows:
-        theirs = speed.get(("hf", r.dtype, r.captions)) if r.model == "captioner" else None
+        theirs = speed.get(("hf", r.dtype, r.captions)) if r.model != "hf" else None
         table.add_row(
             f"{r.captions} ({r.caption_tokens:.1f} tokens)", r.dtype, LABELS[r.model],
             f"{r.images_per_s:.1f}", f"{r.gflop_per_image:.3f}",

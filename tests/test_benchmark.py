@@ -93,6 +93,18 @@ def test_training_benchmark_reports_both_models_and_counts_less_work_on_padding(
     assert flops["captioner", "coco"] < flops["captioner", "full"]
 
 
+def test_training_benchmark_times_the_compiled_step_as_the_same_work() -> None:
+    frames = torch._dynamo.utils.counters["frames"]["ok"]
+    rows = training_benchmark(
+        CONFIG, batch_size=2, dtypes=("fp32",), captions=("coco",), repeats=1, hf=False,
+        compiled=True,
+    )  # fmt: skip
+    assert torch._dynamo.utils.counters["frames"]["ok"] > frames
+    eager, compiled = sorted(rows, key=lambda r: r.model)
+    assert (eager.model, compiled.model) == ("captioner", "compiled")
+    assert compiled.gflop_per_image == eager.gflop_per_image and compiled.images_per_s > 0
+
+
 def test_generation_and_decoding_benchmarks_report_every_figure() -> None:
     rows = generation_benchmark(CONFIG, batch_sizes=(1, 2), caption_tokens=3, repeats=1)
     assert {(r.model, r.strategy, r.batch) for r in rows} == {

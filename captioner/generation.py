@@ -114,20 +114,20 @@ class _Stepper:
     def __call__(
         self, prefix: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """Prefix (N, t) -> float logits (N, vocab) of the next token and, if asked, the
-        newest query's cross-attention (N, layers, heads, S) and self-attention
+        """Prefix (N, t) -> log-probabilities (N, vocab) of the next token and, if asked,
+        the newest query's cross-attention (N, layers, heads, S) and self-attention
         (N, layers, heads, t)."""
         tokens = prefix if self.cache is None else prefix[:, -1:]
         out = self.decoder(
             tokens, self.memory, need_weights=self.need_weights, cache=self.cache, last_only=True
         )
-        logits = out.logits[:, -1].float()
+        logprobs = out.logits[:, -1].float().log_softmax(dim=-1)
         if not self.need_weights:
-            return logits, None, None
+            return logprobs, None, None
         assert out.cross_attention is not None and out.self_attention is not None
         cross = torch.stack([w[:, :, -1] for w in out.cross_attention], dim=1)
         self_weights = torch.stack([w[:, :, -1] for w in out.self_attention], dim=1)
-        return logits, cross.float(), self_weights.float()
+        return logprobs, cross.float(), self_weights.float()
 
     def reorder(self, rows: torch.Tensor) -> None:
         """Row i continues old row `rows[i]`. Without a cache the prefixes say it all, and the
@@ -206,9 +206,9 @@ class _Search:
         self.bias_before_min = self.bias.clone()
         self.bias_before_min[eos_id] = float("-inf")
 
-    def allowed(self, scores: torch.Tensor, step: int) -> torch.Tensor:
+    def allowed(self, logprobs: torch.Tensor, step: int) -> torch.Tensor:
         """The scores to choose from at `step`: -inf for the tokens not allowed there."""
-        return scores + (self.bias_before_min if step < self.options.min_length else self.bias)
+        return logprobs + (self.bias_before_min if step < self.options.min_length else self.bias)
 
     def greedy_or_sample(self, generator: torch.Generator | None) -> Generated:
         """One caption per image: the most likely word at every step, or a drawn one."""
@@ -221,13 +221,10 @@ class _Search:
         done = torch.zeros(batch, dtype=torch.bool, device=device)
         ran = 0
         for t in range(steps):
-            logits, cross, self_w = stepper(seq[:, : t + 1])
-            # argmax, top-k, top-p and softmax sampling are the same on logits as on
-            # log-probabilities; only the chosen word's log-probability is worked out
-            choice = _pick(self.allowed(logits, t), options, generator).masked_fill_(done, pad_id)
+            logprobs, cross, self_w = stepper(seq[:, : t + 1])
+            choice = _pick(self.allowed(logprobs, t), options, generator).masked_fill_(done, pad_id)
             seq[:, t + 1] = choice
-            picked = logits.gather(1, choice[:, None]).squeeze(1)
-            token_logprobs[:, t] = picked - logits.logsumexp(dim=-1)
+            token_logprobs[:, t] = logprobs.gather(1, choice[:, None]).squeeze(1)
             if recorder is not None:
                 recorder.record(t, cross, self_w)
             done |= choice == eos_id
@@ -279,8 +276,7 @@ class _Search:
         alpha = options.length_penalty
         ran = 0
         for t in range(steps):
-            logits, cross, self_w = stepper(seq[:, : t + 1])  # (rows, V)
-            logprobs = logits.log_softmax(dim=-1)
+            logprobs, cross, self_w = stepper(seq[:, : t + 1])  # (rows, V)
             if recorder is not None:
                 recorder.record(t, cross, self_w)
             vocab = logprobs.shape[1]

@@ -18,6 +18,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
+from lightning.pytorch.utilities import rank_zero_only
 
 from captioner.data import ShapesDataModule, WebDataModule
 from captioner.errors import ConfigError
@@ -28,6 +29,7 @@ from captioner.models.blocks import DecoderBlock, EncoderBlock
 from captioner.tasks import CONF_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
+CPU = SimpleNamespace(root_device=torch.device("cpu"))  # a CPU trainer's strategy
 # Two gloo processes, a few steps of a tiny model, validation at steps 2 and 4.
 DDP_RUN = (
     "trainer=ddp_sim", "trainer.max_steps=4", "trainer.val_check_interval=2",
@@ -129,7 +131,7 @@ def test_eval_sampler_gives_each_process_a_share_without_repeats() -> None:
     for rank in range(2):
         dm.trainer = SimpleNamespace(
             world_size=2,
-            strategy=None,
+            strategy=CPU,
             distributed_sampler_kwargs={"num_replicas": 2, "rank": rank},
         )
         shares.append([i for batch in dm.val_dataloader() for i in batch["image_ids"]])
@@ -147,7 +149,7 @@ def test_eval_shards_are_shared_out_by_sample_when_fewer_than_processes(
     shares = []
     for rank in range(3):  # 2 shards, 3 processes
         dm = WebDataModule(train, val, image_size=32, num_workers=num_workers, min_freq=1)
-        dm.trainer = SimpleNamespace(global_rank=rank, world_size=3, current_epoch=0)
+        dm.trainer = SimpleNamespace(global_rank=rank, world_size=3, current_epoch=0, strategy=CPU)
         shares.append([key for batch in dm.val_dataloader() for key in batch["image_ids"]])
     keys = sorted(f"{s:05d}{k:04d}" for s in range(2) for k in range(3))
     assert all(shares) and sorted(k for share in shares for k in share) == keys
@@ -230,6 +232,8 @@ def test_slurm_launcher_asks_for_one_task_per_gpu(
     }  # fmt: skip
     for key, value in slurm.items():
         monkeypatch.setenv(key, value)
+    # the trainer makes this process rank 5 for Lightning's rank-zero-only logging: undone after
+    monkeypatch.setattr(rank_zero_only, "rank", rank_zero_only.rank)
     trainer = instantiate(
         cfg.trainer, _convert_="all", accelerator="cpu", precision="32-true", logger=False,
         default_root_dir=str(tmp_path),

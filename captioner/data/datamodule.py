@@ -119,7 +119,9 @@ class CaptionDataModule(LightningDataModule):
         """Pinned batches let the copy to the GPU overlap compute; with no GPU to copy to,
         pinning would only cost time (and PyTorch warns), so `pin_memory` asks only then."""
         return (
-            self.pin_memory and self.trainer is not None and self.trainer.root_device.type == "cuda"
+            self.pin_memory
+            and self.trainer is not None
+            and self.trainer.strategy.root_device.type == "cuda"
         )
 
     def eval_sampler(self, split: str) -> Sampler | None:

@@ -11,13 +11,16 @@ preprocessing and the data config it was trained on):
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -161,3 +164,42 @@ def export(contents: CheckpointContents, out_dir: str | Path) -> tuple[Path, Pat
     save_file(state, weights, metadata={"format": "pt"})
     config.write_text(json.dumps(contents.metadata(), indent=2) + "\n")
     return weights, config
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, made crash-safe: a checkpoint is written to a temporary
+    file beside its destination, flushed to disk, then renamed over it in one step.
+
+    A run killed mid-write (pre-emption, out of memory) leaves the previous `last.ckpt` whole,
+    never a truncated file in its place. Lightning's own writer goes through the system's
+    temporary folder, whose final move is a copy, not an atomic rename, when that folder is on
+    another file system.
+    """
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options.")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(
+            dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
+        )
+        try:
+            with os.fdopen(handle, "wb") as file:
+                torch.save(checkpoint, file)
+                file.flush()
+                os.fsync(file.fileno())
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(temporary, 0o666 & ~umask)  # what open() would have given, not mkstemp's 0600
+            os.replace(temporary, path)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)  # the rename itself survives a power cut
+        finally:
+            os.close(directory)

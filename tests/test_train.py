@@ -218,6 +218,18 @@ def test_cli_config_error_is_one_clear_line(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("group", ["experiment", "model", "data", "trainer"])
+def test_an_unknown_config_name_lists_the_valid_ones(group: str, tmp_path: Path) -> None:
+    result = run_cli(f"{group}=no_such_{group}", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
+    assert result.returncode != 0
+    assert f"Could not find '{group}/no_such_{group}'" in result.stderr
+    choices = sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml"))
+    assert len(choices) >= 2
+    listed = result.stderr.split(f"Available options in '{group}':", 1)[1]
+    assert all(f"\t{name}\n" in listed for name in choices), listed
+    assert "Traceback" not in result.stderr
+
+
 def test_attention_supervision_moves_attention_onto_the_named_objects(shapes_batch: tuple) -> None:
     dm, batch = shapes_batch
     torch.manual_seed(0)

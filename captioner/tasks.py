@@ -98,16 +98,19 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     datamodule = _instantiate(cfg.data)
-    model = _instantiate(
-        cfg.model, tokenizer=datamodule.tokenizer, preprocess=datamodule.preprocess.to_dict()
-    )
-    model.data_config = OmegaConf.to_container(cfg.data, resolve=True)
     trainer: L.Trainer = _instantiate(
         cfg.trainer,
         callbacks=_instantiate_group(cfg.get("callbacks")),
         logger=_instantiate_group(cfg.get("logger")) or False,
     )
     _check_processes_can_start(trainer)
+    ckpt_path = _resume_from(cfg.get("ckpt_path"), trainer)
+    if ckpt_path is not None:  # the vocabulary it was trained with, never one rebuilt
+        datamodule.tokenizer = Tokenizer.from_dict(load_checkpoint(ckpt_path).tokenizer)
+    model = _instantiate(
+        cfg.model, tokenizer=datamodule.tokenizer, preprocess=datamodule.preprocess.to_dict()
+    )
+    model.data_config = OmegaConf.to_container(cfg.data, resolve=True)
     num_params = model.net.num_parameters()
     for logger in trainer.loggers:  # Lightning's loggers write on rank 0 only
         logger.log_hyperparams(
@@ -119,14 +122,14 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     fit_seconds = 0.0
     if cfg.get("train", True):
         start = time.perf_counter()
-        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
         fit_seconds = time.perf_counter() - start
 
     metrics: dict[str, float] = {}
     if cfg.get("test", True) and not datamodule.test_splits():
         log.warning("the data has no test split: skipping the test (set one, e.g. data.test_json)")
     elif cfg.get("test", True):
-        ckpt = cfg.get("ckpt_path")  # without training, test the checkpoint that was given
+        ckpt = ckpt_path  # without training, test the checkpoint that was given
         if cfg.get("train", True):
             callback = trainer.checkpoint_callback
             ckpt = callback.best_model_path if callback else ""
@@ -143,6 +146,30 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         "metrics_path": metrics_path,
     }  # fmt: skip
     return metrics, objects
+
+
+def _resume_from(ckpt_path: str | None, trainer: L.Trainer) -> Path | None:
+    """The checkpoint `ckpt_path` names, checked before anything runs: `last` is the newest
+    `last.ckpt` in this run's checkpoint folder, so a run resumes in its own folder."""
+    if not ckpt_path:
+        return None
+    if str(ckpt_path) != "last":
+        path = Path(ckpt_path)
+        if not path.is_file():
+            raise ConfigError(
+                f"ckpt_path={ckpt_path}: no such checkpoint file; give the path of a .ckpt, "
+                "or ckpt_path=last to resume the run in hydra.run.dir."
+            )
+        return path
+    folders = {Path(c.dirpath) for c in trainer.checkpoint_callbacks if getattr(c, "dirpath", None)}
+    found = [folder / "last.ckpt" for folder in folders if (folder / "last.ckpt").is_file()]
+    if not found:
+        where = ", ".join(sorted(map(str, folders))) or "no checkpoint folder"
+        raise ConfigError(
+            f"ckpt_path=last: there is no last.ckpt in {where}. To resume a run, run in its "
+            "folder: hydra.run.dir=<the run's folder> ckpt_path=last (or ckpt_path=<file>)."
+        )
+    return max(found, key=lambda path: path.stat().st_mtime)
 
 
 def _data_metrics(datamodule: Any, trainer: L.Trainer) -> dict[str, float]:

@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import tarfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -227,3 +228,23 @@ class DistributedProbe(Callback):
         self.record["metrics"] = {k: float(v) for k, v in trainer.callback_metrics.items()}
         self.record["best"] = trainer.checkpoint_callback.best_model_path
         self.record["predictions"] = {s: sorted(p) for s, p in pl_module.predictions.items()}
+
+
+class StepProbe(Callback):
+    """Appends the process id, global step and image ids of every training batch to
+    `steps.txt` in the run folder (a JSON object a line), and at `pause_at_step` stops there
+    for good (writing `paused`), for a test to kill it."""
+
+    def __init__(self, pause_at_step: int | None = None) -> None:
+        self.pause_at_step = pause_at_step
+
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        folder = Path(trainer.default_root_dir)
+        with open(folder / "steps.txt", "a") as file:
+            step = {"pid": os.getpid(), "step": trainer.global_step, "images": batch["image_ids"]}
+            file.write(json.dumps(step) + "\n")
+        if trainer.global_step == self.pause_at_step:
+            (folder / "paused").write_text("")
+            time.sleep(3600)

@@ -398,9 +398,9 @@ def test_data_without_a_test_split_trains_and_eval_says_what_to_set(tmp_path: Pa
     del paths["test_json"]
     cfg = compose_train(*data_overrides("coco", paths), *TINY, "trainer.max_epochs=1",
                         "trainer.accelerator=cpu", output_dir=tmp_path / "run")  # fmt: skip
-    metrics, objects = train(cfg)
+    metrics, _ = train(cfg)
     assert not any(name.startswith("test") for name in metrics)  # the test was skipped
-    ckpt = objects["trainer"].checkpoint_callback.last_model_path
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     eval_cfg = compose_train(f"ckpt_path={ckpt}", output_dir=tmp_path / "eval", config_name="eval")
     with pytest.raises(ConfigError, match="data.test_json"):
         evaluate(eval_cfg)
@@ -472,8 +472,8 @@ def test_evaluation_needs_the_test_data_only(tmp_path: Path) -> None:
     paths = write_coco(tmp_path / "data")
     overrides = (*TINY, "trainer.max_epochs=1", "trainer.accelerator=cpu", "test=false")
     cfg = compose_train(*data_overrides("coco", paths), *overrides, output_dir=tmp_path / "run")
-    _, objects = train(cfg)
-    ckpt = objects["trainer"].checkpoint_callback.last_model_path
+    train(cfg)
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     for name in ("train_json", "val_json"):  # e.g. evaluating on another machine
         paths[name].unlink()
     eval_cfg = compose_train(f"ckpt_path={ckpt}", output_dir=tmp_path / "eval", config_name="eval")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,46 @@ from captioner.data.tokenizer import Tokenizer
 from captioner.data.transforms import ImagePreprocess, TrainAugment, image_size_pair
 from captioner.data.vocab_cache import cached_tokenizer
 from captioner.errors import ConfigError
+
+
+class EpochShuffle(Sampler[tuple[int, int]]):
+    """A new training order every epoch, drawn from the run's seed and the epoch alone (which
+    Lightning sets before each epoch), so a resumed run sees the order the uninterrupted one
+    would have, whatever else drew random numbers before."""
+
+    def __init__(self, size: int) -> None:
+        self.size, self.seed, self.epoch = size, torch.initial_seed(), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        """(index, epoch) pairs, for `SeededSamples`."""
+        generator = torch.Generator().manual_seed(self.seed + 1_000_003 * self.epoch)
+        return ((i, self.epoch) for i in torch.randperm(self.size, generator=generator).tolist())
+
+
+class SeededSamples(Dataset):
+    """Training samples whose random choices (the augmentation's crop, and the reference
+    caption drawn, under "draw") come from (seed, epoch, index) alone: the same in a resumed
+    run as in an uninterrupted one, whichever loader process reads the sample."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset, self.seed = dataset, torch.initial_seed()
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        index, epoch = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + epoch) * 1_000_003 + index)
+            sample = self.dataset[index]
+            sample["draw"] = int(torch.randint(0, 1 << 30, ()))
+        return sample
 
 
 class CaptionDataModule(LightningDataModule):
@@ -144,11 +184,11 @@ class CaptionDataModule(LightningDataModule):
         )
 
     def _loader(self, split: str, train: bool) -> DataLoader:
+        dataset = self.split(split)
         return DataLoader(
-            self.split(split),
+            SeededSamples(dataset) if train else dataset,
             batch_size=self.batch_size,
-            shuffle=train,
-            sampler=None if train else self.eval_sampler(split),
+            sampler=EpochShuffle(len(dataset)) if train else self.eval_sampler(split),
             drop_last=train,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

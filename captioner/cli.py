@@ -10,7 +10,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from captioner.errors import CheckpointError, ConfigError, DataError
+from captioner.errors import CheckpointError, ConfigError, DataError, TrainingError
 
 
 @contextmanager
@@ -26,6 +26,9 @@ def user_errors() -> Iterator[None]:
         sys.exit(2)
     except DataError as err:
         print(f"data error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except TrainingError as err:
+        print(f"training error: {err}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -27,3 +27,8 @@ class ImageLoadError(ValueError):
 class DataError(ValueError):
     """A dataset entry or annotation file that cannot be used; the message names the file (and
     line or key) and the fix."""
+
+
+class TrainingError(RuntimeError):
+    """Training that cannot go on (a non-finite loss or gradient); the message names the step,
+    the batch and what to do."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from collections import defaultdict
@@ -15,11 +16,13 @@ from lightning import LightningModule
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
-from captioner.errors import ConfigError
+from captioner.errors import ConfigError, TrainingError
 from captioner.generation import DecodingOptions, Generated, generate
 from captioner.inference import to_captions
 from captioner.metrics import GroundingMeter, box_coverage, caption_scores, grounding_loss
 from captioner.models import CaptionerConfig, CaptionerModel
+
+log = logging.getLogger(__name__)
 
 # Evaluation metrics are computed once, on rank 0, and broadcast: identical on every rank
 # without the reduction Lightning suggests for per-rank values.
@@ -80,7 +83,10 @@ class CaptionerLitModule(LightningModule):
     which object each word names (shapes); on such data, validation and test also score
     grounding (`<split>/grounding/...`). `compile` runs the training loss (forward and
     backward) through `torch.compile`: a GPU speed-up; on CPUs the step is matmul-bound and
-    the first step's compilation costs more than it saves.
+    the first step's compilation costs more than it saves. `nonfinite` says what a NaN or
+    infinite loss or gradient does: `stop` raises `TrainingError` naming the step and the
+    batch (no checkpoint is written after it), `skip` logs it and leaves the weights as they
+    were.
 
     Under DDP each process decodes its share of a split; at the end of the epoch rank 0
     gathers every image's row, keeps each image once, scores the split (pycocoevalcap's Java
@@ -99,11 +105,14 @@ class CaptionerLitModule(LightningModule):
         decoding: dict[str, Any] | None = None,
         spice: bool = False,
         compile: bool = False,
+        nonfinite: str = "stop",
         **architecture: Any,
     ) -> None:
         super().__init__()
         if not 0.0 <= label_smoothing < 1.0:
             raise ConfigError(f"model.label_smoothing must be in [0, 1), got {label_smoothing}.")
+        if nonfinite not in ("stop", "skip"):
+            raise ConfigError(f"model.nonfinite must be stop or skip, got {nonfinite!r}.")
         if not attention_supervision >= 0.0:
             raise ConfigError(
                 f"model.attention_supervision must be >= 0, got {attention_supervision}."
@@ -121,6 +130,8 @@ class CaptionerLitModule(LightningModule):
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.label_smoothing = label_smoothing
         self.attention_supervision = attention_supervision
+        self.nonfinite = nonfinite
+        self._batch_ids: list[Any] = []  # the training batch being stepped, for error messages
         # torch.compile covers the training loss only: decoding's cache grows by one position
         # per step, which would recompile at every step, so evaluation stays eager
         self._train_loss = (
@@ -194,8 +205,43 @@ class CaptionerLitModule(LightningModule):
             loss, grounding = self.supervised_loss(batch)
             self.log("train/grounding_loss", grounding, batch_size=size)
             loss = loss + self.attention_supervision * grounding
+        self._batch_ids = list(batch["image_ids"])
+        if not self._all_ranks(bool(torch.isfinite(loss))):
+            return self._nonfinite("loss", batch_idx)
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         return loss
+
+    def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
+        """Gradients after backward (and their all-reduce under DDP), before clipping. Under
+        fp16 the grad scaler skips non-finite steps itself, so they are left to it."""
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            return
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if grads and not bool(torch.stack([g.isfinite().all() for g in grads]).all()):
+            self._nonfinite("gradient", None)
+            for group in optimizer.param_groups:  # skip: no gradient, so no update at all
+                for p in group["params"]:
+                    p.grad = None
+
+    def _all_ranks(self, decision: bool) -> bool:
+        """True where every DDP process decided True: they must skip the same steps."""
+        if self.trainer.world_size == 1:
+            return decision
+        return self.trainer.strategy.reduce_boolean_decision(decision, all=True)
+
+    def _nonfinite(self, what: str, batch_idx: int | None) -> None:
+        """Stop with a message naming the step and the batch, or log and skip the step."""
+        trainer = self.trainer
+        where = f"step {trainer.global_step} (epoch {trainer.current_epoch}"
+        where += f", batch {batch_idx})" if batch_idx is not None else ")"
+        images = ", ".join(map(str, self._batch_ids[:8])) + (", ..." * (len(self._batch_ids) > 8))
+        if self.nonfinite == "stop":
+            raise TrainingError(
+                f"non-finite {what} at {where}, images {images}. The last checkpoint is the "
+                "last good state: lower model.optimizer.lr, check these images, or set "
+                "model.nonfinite=skip to skip such steps."
+            )
+        log.warning("non-finite %s at %s, images %s: step skipped", what, where, images)
 
     def generate(self, images: torch.Tensor, need_weights: bool = False) -> Generated:
         """Captions for a batch of normalised images, decoded with `self.decoding`."""

@@ -248,3 +248,21 @@ class StepProbe(Callback):
         if trainer.global_step == self.pause_at_step:
             (folder / "paused").write_text("")
             time.sleep(3600)
+
+
+class Poison(Callback):
+    """Makes training numbers non-finite at global step `step`: the batch's images (so the
+    loss) with `what="loss"`, one weight's gradient with `what="gradient"`."""
+
+    def __init__(self, step: int, what: str = "loss") -> None:
+        self.step, self.what = step, what
+
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self.what == "loss" and trainer.global_step == self.step:
+            batch["images"].fill_(float("nan"))
+
+    def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.what == "gradient" and trainer.global_step == self.step:
+            next(p for p in pl_module.parameters() if p.grad is not None).grad[0] = float("inf")

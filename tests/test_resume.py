@@ -1,4 +1,5 @@
-"""Reliability: checkpoints survive a crash mid-write, and a killed run resumes exactly."""
+"""Reliability: checkpoints survive a crash mid-write, a killed run resumes exactly, and a
+non-finite loss or gradient stops training or is skipped."""
 
 from __future__ import annotations
 
@@ -9,15 +10,20 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from builders import Poison
 from conftest import compose_train
 from hydra.utils import instantiate
+from lightning import Callback, Trainer
 
 from captioner import checkpoint as checkpoint_module
 from captioner.checkpoint import AtomicCheckpointIO
-from captioner.errors import ConfigError
+from captioner.data import ShapesDataModule
+from captioner.errors import ConfigError, TrainingError
+from captioner.lit_module import CaptionerLitModule
 from captioner.tasks import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,3 +135,81 @@ def test_resuming_names_a_missing_checkpoint_and_the_fix(tmp_path: Path) -> None
     cfg = compose_train("experiment=shapes_tiny", f"ckpt_path={missing}", output_dir=tmp_path)
     with pytest.raises(ConfigError, match=f"ckpt_path={missing}: no such checkpoint file"):
         train(cfg)
+
+
+def guarded_run(
+    nonfinite: str, what: str, tmp_path: Path
+) -> tuple[CaptionerLitModule, list[dict[str, torch.Tensor]]]:
+    """Six steps of a tiny model with step 2 poisoned; returns it and its weights after
+    every step."""
+    torch.manual_seed(0)
+    dm = ShapesDataModule(image_size=32, num_train=48, num_val=4, num_test=4, batch_size=8)
+    module = CaptionerLitModule(
+        dm.tokenizer, dm.preprocess.to_dict(), torch.optim.AdamW, nonfinite=nonfinite,
+        image_size=32, patch_size=8, encoder_dim=32, encoder_depth=1, encoder_heads=2,
+        decoder_dim=32, decoder_depth=1, decoder_heads=2, max_len=24,
+    )  # fmt: skip
+    weights: list[dict[str, torch.Tensor]] = []
+
+    class Snapshot(Callback):
+        def on_train_batch_end(self, *args: Any) -> None:
+            weights.append({k: v.clone() for k, v in module.state_dict().items()})
+
+    trainer = Trainer(
+        max_epochs=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+        callbacks=[Poison(2, what), Snapshot()],
+    )  # fmt: skip
+    trainer.fit(module, datamodule=dm)
+    return module, weights
+
+
+@pytest.mark.parametrize("what", ["loss", "gradient"])
+def test_a_nonfinite_step_stops_training_naming_the_step_and_batch(
+    what: str, tmp_path: Path
+) -> None:
+    with pytest.raises(TrainingError, match=rf"non-finite {what} at step 2 \(epoch 0.*images \d+"):
+        guarded_run("stop", what, tmp_path)
+
+
+@pytest.mark.parametrize("what", ["loss", "gradient"])
+def test_a_nonfinite_step_can_be_skipped(what: str, tmp_path: Path) -> None:
+    module, weights = guarded_run("skip", what, tmp_path)
+    assert len(weights) == 6  # every batch ran
+    for name, before in weights[1].items():
+        assert torch.equal(weights[2][name], before), name  # the poisoned step changed nothing
+    changed = [not torch.equal(weights[3][k], weights[2][k]) for k in weights[2]]
+    assert any(changed)  # and training went on
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+@pytest.mark.slow
+def test_a_nonfinite_loss_ends_the_run_in_one_line_and_keeps_the_last_checkpoint(
+    tmp_path: Path,
+) -> None:
+    run = tmp_path / "run"
+    process = train_process(
+        *RUN, "+callbacks.poison._target_=builders.Poison", "+callbacks.poison.step=10",
+        f"hydra.run.dir={run}", cwd=tmp_path,
+    )  # fmt: skip
+    output = process.communicate(timeout=600)[0]
+    assert process.returncode == 2, output[-3000:]
+    assert "training error: non-finite loss at step 10 (epoch 1, batch 2), images " in output
+    assert "Traceback" not in output
+    last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 8  # the end of epoch 0: the last good state
+    assert all(torch.isfinite(w).all() for w in last["state_dict"].values())
+
+
+def test_the_same_seed_and_config_give_the_same_metrics(tmp_path: Path) -> None:
+    overrides = (
+        "experiment=shapes_tiny", "data.num_train=64", "data.batch_size=8", "data.num_val=8",
+        "data.num_test=8", "trainer.max_epochs=2", "trainer.deterministic=true", "seed=3",
+        "callbacks.attention_samples=null", "callbacks.rich_progress_bar=null",
+    )  # fmt: skip
+    runs = [train(compose_train(*overrides, output_dir=tmp_path / str(i)))[0] for i in range(2)]
+    for metrics in runs:
+        del metrics["train/seconds"]
+    assert runs[0] == runs[1] and "test/CIDEr" in runs[0] and "test/loss" in runs[0]
+    other = train(compose_train(*overrides, "seed=4", output_dir=tmp_path / "other"))[0]
+    assert other["test/loss"] != runs[0]["test/loss"]  # the seed does reach the run

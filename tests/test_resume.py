@@ -213,3 +213,17 @@ def test_the_same_seed_and_config_give_the_same_metrics(tmp_path: Path) -> None:
     assert runs[0] == runs[1] and "test/CIDEr" in runs[0] and "test/loss" in runs[0]
     other = train(compose_train(*overrides, "seed=4", output_dir=tmp_path / "other"))[0]
     assert other["test/loss"] != runs[0]["test/loss"]  # the seed does reach the run
+
+
+def test_training_batches_do_not_depend_on_the_loader_processes() -> None:
+    """Order and per-sample draws come from the run's seed, not from the process reading."""
+    epochs = []
+    for workers in (0, 2):
+        torch.manual_seed(11)
+        dm = ShapesDataModule(image_size=32, num_train=24, batch_size=4, num_workers=workers)
+        loader = dm.train_dataloader()
+        for epoch in (0, 1):
+            loader.sampler.set_epoch(epoch)
+            epochs.append([(b["image_ids"], b["tokens"].tolist()) for b in loader])
+    assert epochs[0] == epochs[2] and epochs[1] == epochs[3]  # workers 0 and 2, each epoch
+    assert epochs[0] != epochs[1]  # a new order every epoch

@@ -23,6 +23,14 @@ from captioner.data.vocab_cache import cached_tokenizer
 from captioner.errors import ConfigError
 
 
+def mix_seed(seed: int, *parts: int) -> int:
+    """One seed from the run's seed and `parts` (epoch, sample index) alone: the same in every
+    process and after every resume."""
+    for part in parts:
+        seed = (seed * 1_000_003 + part) % (1 << 63)
+    return seed
+
+
 class EpochShuffle(Sampler[tuple[int, int]]):
     """A new training order every epoch, drawn from the run's seed and the epoch alone (which
     Lightning sets before each epoch), so a resumed run sees the order the uninterrupted one
@@ -39,7 +47,7 @@ class EpochShuffle(Sampler[tuple[int, int]]):
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         """(index, epoch) pairs, for `SeededSamples`."""
-        generator = torch.Generator().manual_seed(self.seed + 1_000_003 * self.epoch)
+        generator = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
         return ((i, self.epoch) for i in torch.randperm(self.size, generator=generator).tolist())
 
 
@@ -49,6 +57,7 @@ class SeededSamples(Dataset):
     run as in an uninterrupted one, whichever loader process reads the sample."""
 
     def __init__(self, dataset: Dataset) -> None:
+        # the run's seed, read here in the main process: loader processes have seeds of their own
         self.dataset, self.seed = dataset, torch.initial_seed()
 
     def __len__(self) -> int:
@@ -57,7 +66,7 @@ class SeededSamples(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
         index, epoch = key
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 1_000_003 + epoch) * 1_000_003 + index)
+            torch.manual_seed(mix_seed(self.seed, epoch, index))
             sample = self.dataset[index]
             sample["draw"] = int(torch.randint(0, 1 << 30, ()))
         return sample

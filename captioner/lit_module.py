@@ -21,6 +21,7 @@ from captioner.generation import DecodingOptions, Generated, generate
 from captioner.inference import to_captions
 from captioner.metrics import GroundingMeter, box_coverage, caption_scores, grounding_loss
 from captioner.models import CaptionerConfig, CaptionerModel
+from captioner.seeding import mix_seed
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +133,7 @@ class CaptionerLitModule(LightningModule):
         self.attention_supervision = attention_supervision
         self.nonfinite = nonfinite
         self._batch_ids: list[Any] = []  # the training batch being stepped, for error messages
+        self.run_seed = torch.initial_seed()  # as `seed_everything` left it
         # torch.compile covers the training loss only: decoding's cache grows by one position
         # per step, which would recompile at every step, so evaluation stays eager
         self._train_loss = (
@@ -191,6 +193,12 @@ class CaptionerLitModule(LightningModule):
         )  # (B, T - 1, grid_h, grid_w)
         cross = [layer[..., prefix:] for layer in cross_attention]
         return loss, grounding_loss(cross, coverage.flatten(2))
+
+    def on_train_batch_start(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """Dropout's random numbers for this batch from (seed, rank, epoch, batch) alone: a
+        run resumed from any checkpoint drops what the uninterrupted run dropped."""
+        epoch, rank = self.current_epoch, self.global_rank
+        torch.manual_seed(mix_seed(self.run_seed, rank, epoch, batch_idx))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         if not batch["image_ids"]:  # every sample in it was bad and skipped

@@ -35,6 +35,8 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 # Single-process loading is the right choice for procedural data on a small CPU.
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*treespec, LeafSpec.*")  # Lightning internals on new torch
+# The datamodule keeps its place in the data in every checkpoint (`CaptionDataModule.state_dict`)
+warnings.filterwarnings("ignore", ".*your dataloader is not resumable.*")
 
 
 def compose_config(

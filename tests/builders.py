@@ -15,6 +15,7 @@ import os
 import sys
 import tarfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,14 @@ from captioner.data import ShapesWorld
 
 SPLIT_SIZES = {"train": 8, "val": 4, "test": 4}
 TEST_ONLY_WORD = "zebra"
+
+
+# overrides for a model small enough to train in seconds on 32 px images
+TINY_IMAGE_MODEL = (
+    "model=tiny", "model.patch_size=8", "model.encoder_dim=32", "model.encoder_depth=1",
+    "model.encoder_heads=2", "model.decoder_dim=32", "model.decoder_depth=1",
+    "model.decoder_heads=2", "data.image_size=32", "data.min_freq=1",
+)  # fmt: skip
 
 
 def scenes(split: str, count: int, size: int = 32) -> list[tuple[Image.Image, list[str]]]:
@@ -231,23 +240,31 @@ class DistributedProbe(Callback):
 
 
 class StepProbe(Callback):
-    """Appends the process id, global step and image ids of every training batch to
-    `steps.txt` in the run folder (a JSON object a line), and at `pause_at_step` stops there
-    for good (writing `paused`), for a test to kill it."""
+    """Appends the run (a probe's own id), global step and image ids of every training batch to
+    `steps.txt` in the run folder (a JSON object a line); at `pause_at_step` stops there for
+    good (writing `paused`), for a test to kill it; at `fail_at_step` raises `Interrupted`."""
 
-    def __init__(self, pause_at_step: int | None = None) -> None:
-        self.pause_at_step = pause_at_step
+    def __init__(self, pause_at_step: int | None = None, fail_at_step: int | None = None) -> None:
+        self.pause_at_step, self.fail_at_step = pause_at_step, fail_at_step
+        self.run = uuid.uuid4().hex
 
     def on_train_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
     ) -> None:
         folder = Path(trainer.default_root_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        if trainer.global_step == self.fail_at_step:
+            raise Interrupted(f"stopped at step {trainer.global_step}")
         with open(folder / "steps.txt", "a") as file:
-            step = {"pid": os.getpid(), "step": trainer.global_step, "images": batch["image_ids"]}
+            step = {"run": self.run, "step": trainer.global_step, "images": batch["image_ids"]}
             file.write(json.dumps(step) + "\n")
         if trainer.global_step == self.pause_at_step:
             (folder / "paused").write_text("")
             time.sleep(3600)
+
+
+class Interrupted(Exception):
+    """A run stopped on purpose, standing in for a crash."""
 
 
 class Poison(Callback):

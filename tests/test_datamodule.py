@@ -8,6 +8,7 @@ import torch
 from lightning import Trainer
 
 from captioner.data import ShapesDataModule
+from captioner.data.datamodule import EpochShuffle
 
 
 def test_batches_are_well_formed() -> None:
@@ -41,10 +42,12 @@ def test_vocabulary_comes_from_training_captions_only() -> None:
 def test_training_draws_different_references_of_an_image() -> None:
     torch.manual_seed(0)
     dm = ShapesDataModule(image_size=32, num_train=8, batch_size=8, min_objects=3, max_objects=3)
-    collate = dm.train_dataloader().collate_fn
-    sample = dm.split("train")[0]
-    drawn = {tuple(collate([sample])["tokens"][0].tolist()) for _ in range(30)}
-    assert len(drawn) > 1
+    loader = dm.train_dataloader()
+    batches = [loader.collate_fn([loader.dataset[(0, epoch)]]) for epoch in range(30)]
+    drawn = {tuple(batch["tokens"][0].tolist()) for batch in batches}
+    assert len(drawn) > 1  # image 0 in 30 epochs
+    again = loader.collate_fn([loader.dataset[(0, 0)]])["tokens"]
+    assert torch.equal(again, batches[0]["tokens"])  # and the same one for the same epoch
 
 
 def test_batches_survive_lightning_input_conversion() -> None:
@@ -90,3 +93,18 @@ def test_batches_are_pinned_only_for_a_gpu() -> None:
     assert dm.pins_memory() and dm.val_dataloader().pin_memory
     dm.pin_memory = False
     assert not dm.pins_memory()
+
+
+def test_the_training_order_depends_on_seed_and_epoch_and_is_dealt_out_to_ranks() -> None:
+    ranks = [EpochShuffle(10, seed=3, epoch=1, rank=r, world_size=3) for r in range(3)]
+    shares = [[index for index, _ in sampler] for sampler in ranks]
+    assert [len(share) for share in shares] == [len(sampler) for sampler in ranks] == [3, 3, 3]
+    assert len(set().union(*shares)) == 9  # disjoint; the tenth image waits for another epoch
+    assert {epoch for sampler in ranks for _, epoch in sampler} == {1}
+    assert [i for i, _ in EpochShuffle(10, seed=3, epoch=1, rank=1, world_size=3)] == shares[1]
+    assert [i for i, _ in EpochShuffle(10, seed=3, epoch=2, rank=1, world_size=3)] != shares[1]
+    assert [i for i, _ in EpochShuffle(10, seed=4, epoch=1, rank=1, world_size=3)] != shares[1]
+
+    resumed = EpochShuffle(10, seed=3, epoch=1, skip=2, rank=1, world_size=3)
+    assert [i for i, _ in resumed] == shares[1][2:]  # what a run resumed mid-epoch goes on with
+    assert [i for i, _ in resumed] == shares[1]  # and the next pass is whole again

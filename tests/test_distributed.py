@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from builders import write_shards
+from builders import TINY_IMAGE_MODEL, write_shards
 from conftest import compose_train, tiny_config
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -36,15 +36,10 @@ DDP_RUN = (
     "callbacks.attention_samples=null", "callbacks.rich_progress_bar=null",
     "+callbacks.probe._target_=builders.DistributedProbe",
 )  # fmt: skip
+TINY_IMAGES = (*TINY_IMAGE_MODEL, "data.batch_size=2", "data.num_workers=0", "data.epoch_samples=8")
 SHAPES = (
     "experiment=shapes_tiny", "data.num_train=64", "data.num_val=9", "data.num_test=9",
     "data.batch_size=4",
-)  # fmt: skip
-TINY_IMAGES = (
-    "model=tiny", "model.patch_size=8", "model.encoder_dim=32", "model.encoder_depth=1",
-    "model.encoder_heads=2", "model.decoder_dim=32", "model.decoder_depth=1",
-    "model.decoder_heads=2", "data.image_size=32", "data.batch_size=2", "data.min_freq=1",
-    "data.num_workers=0", "data.epoch_samples=8",
 )  # fmt: skip
 
 

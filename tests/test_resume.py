@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from builders import Poison
+from builders import TINY_IMAGE_MODEL, Interrupted, Poison, write_shards
 from conftest import compose_train
 from hydra.utils import instantiate
 from lightning import Callback, Trainer
@@ -63,11 +63,13 @@ def test_every_trainer_config_writes_checkpoints_atomically(trainer: str, tmp_pa
     assert isinstance(built.strategy.checkpoint_io, AtomicCheckpointIO)
 
 
-RUN = (
-    "experiment=shapes_tiny", "data.num_train=64", "data.batch_size=8", "data.num_val=8",
-    "data.num_test=8", "trainer.max_epochs=3", "test=false", "seed=7",
+QUIET = (
     "callbacks.attention_samples=null", "callbacks.rich_progress_bar=null",
     "callbacks.lr_monitor=null", "~logger",
+)  # fmt: skip
+RUN = (
+    "experiment=shapes_tiny", "data.num_train=64", "data.batch_size=8", "data.num_val=8",
+    "data.num_test=8", "trainer.max_epochs=3", "test=false", "seed=7", *QUIET,
 )  # fmt: skip
 
 
@@ -80,51 +82,97 @@ def train_process(*args: str, cwd: Path) -> subprocess.Popen:
     )  # fmt: skip
 
 
-def steps_by_process(run: Path) -> list[list[tuple[int, list]]]:
-    """Each process's (global step, image ids) of every training batch, in order."""
+def steps_by_run(run: Path) -> list[list[tuple[int, list]]]:
+    """Each run's (global step, image ids) of every training batch, in order."""
     steps: dict[int, list[tuple[int, list]]] = {}
     for line in (run / "steps.txt").read_text().splitlines():
         record = json.loads(line)
-        steps.setdefault(record["pid"], []).append((record["step"], record["images"]))
+        steps.setdefault(record["run"], []).append((record["step"], record["images"]))
     return list(steps.values())
 
 
+def assert_resumed_exactly(whole: Path, interrupted: Path, stopped: int, resumed_at: int) -> None:
+    """The interrupted run trained steps 0..stopped-1, the resumed one went on from its last
+    checkpoint (step `resumed_at`) on the batches of the uninterrupted run, and both end with
+    bit-identical weights (CPU)."""
+    (uninterrupted,) = steps_by_run(whole)
+    before, after = steps_by_run(interrupted)
+    total = len(uninterrupted)
+    assert [step for step, _ in uninterrupted] == list(range(total))
+    assert [step for step, _ in after] == list(range(resumed_at, total))
+    assert before == uninterrupted[:stopped] and after == uninterrupted[resumed_at:]
+
+    final = [
+        torch.load(r / "checkpoints/last.ckpt", weights_only=True) for r in (whole, interrupted)
+    ]
+    assert final[0]["global_step"] == final[1]["global_step"] == total
+    weights = [ckpt["state_dict"] for ckpt in final]
+    assert weights[0].keys() == weights[1].keys()
+    for name, tensor in weights[0].items():
+        assert torch.equal(tensor, weights[1][name]), name
+
+
+# dropout on and loader processes: what a resumed run must reproduce besides the weights
+EXACT = (
+    "model.dropout=0.1",
+    "data.num_workers=2",
+    "callbacks.step_checkpoint.every_n_train_steps=5",
+)
+PROBE = "+callbacks.probe._target_=builders.StepProbe"
+
+
 @pytest.mark.slow
-def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path: Path) -> None:
-    """8 steps an epoch; the killed run is stopped with SIGKILL at step 11, 3 steps after the
-    checkpoint of epoch 1, and resumed from `ckpt_path=last` in its own folder."""
-    probe = "+callbacks.probe._target_=builders.StepProbe"
+def test_a_killed_run_resumes_mid_epoch_to_the_weights_of_an_uninterrupted_one(
+    tmp_path: Path,
+) -> None:
+    """8 steps an epoch, last.ckpt every 5 steps and at epoch ends; the killed run is stopped
+    with SIGKILL at step 13, 3 steps after the checkpoint of step 10 (epoch 1, batch 2), and
+    resumed from `ckpt_path=last` in its own folder."""
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    reference = train_process(*RUN, probe, f"hydra.run.dir={whole}", cwd=tmp_path)
+    reference = train_process(*RUN, *EXACT, PROBE, f"hydra.run.dir={whole}", cwd=tmp_path)
     victim = train_process(
-        *RUN, probe, "+callbacks.probe.pause_at_step=11", f"hydra.run.dir={killed}", cwd=tmp_path
-    )
+        *RUN, *EXACT, PROBE, "+callbacks.probe.pause_at_step=13", f"hydra.run.dir={killed}",
+        cwd=tmp_path,
+    )  # fmt: skip
     deadline = time.monotonic() + 300
     while not (killed / "paused").exists():
         assert victim.poll() is None, victim.communicate()[0][-3000:]
-        assert time.monotonic() < deadline, "the run never reached step 11"
+        assert time.monotonic() < deadline, "the run never reached step 13"
         time.sleep(0.2)
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     assert victim.returncode == -signal.SIGKILL
-    assert torch.load(killed / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 8
+    assert torch.load(killed / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 10
 
-    resumed = train_process(*RUN, probe, "ckpt_path=last", f"hydra.run.dir={killed}", cwd=tmp_path)
+    resumed = train_process(
+        *RUN, *EXACT, PROBE, "ckpt_path=last", f"hydra.run.dir={killed}", cwd=tmp_path
+    )
     for process in (reference, resumed):
         output = process.communicate(timeout=600)[0]
         assert process.returncode == 0, output[-3000:]
-    (uninterrupted,) = steps_by_process(whole)
-    before, after = steps_by_process(killed)
-    assert [step for step, _ in uninterrupted] == list(range(24))
-    assert [step for step, _ in after] == list(range(8, 24))  # from the checkpoint on
-    assert before == uninterrupted[:12] and after == uninterrupted[8:]  # the same batches
+    assert_resumed_exactly(whole, killed, stopped=14, resumed_at=10)
 
-    final = [torch.load(r / "checkpoints/last.ckpt", weights_only=True) for r in (whole, killed)]
-    assert final[0]["global_step"] == final[1]["global_step"] == 24
-    weights = [ckpt["state_dict"] for ckpt in final]
-    assert weights[0].keys() == weights[1].keys()
-    for name, tensor in weights[0].items():
-        assert torch.equal(tensor, weights[1][name]), name  # bit-identical on CPU
+
+@pytest.mark.parametrize("epoch_samples", ["null", "64"], ids=["whole-shards", "epoch_samples"])
+def test_a_run_on_shards_resumes_mid_epoch_exactly(epoch_samples: str, tmp_path: Path) -> None:
+    """A shard stream cannot seek: the resumed run reads past the batches it trained on, and
+    loader processes draw each sample's crop and caption from where it is in their stream."""
+    paths = {
+        "train_shards": write_shards(tmp_path, "train", shards=4, per_shard=16),
+        "val_shards": write_shards(tmp_path, "val", shards=1, per_shard=4),
+    }
+    run = (
+        "data=webdataset", *(f"data.{k}='{v}'" for k, v in paths.items()), *TINY_IMAGE_MODEL,
+        "data.batch_size=8", "data.shuffle_buffer=10", f"data.epoch_samples={epoch_samples}",
+        "trainer.max_epochs=2", "seed=7", "test=false", *QUIET, *EXACT, PROBE,
+    )  # fmt: skip
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    train(compose_train(*run, output_dir=whole))
+    with pytest.raises(Interrupted):
+        train(compose_train(*run, "+callbacks.probe.fail_at_step=7", output_dir=stopped))
+    assert torch.load(stopped / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 5
+    train(compose_train(*run, "ckpt_path=last", output_dir=stopped))
+    assert_resumed_exactly(whole, stopped, stopped=7, resumed_at=5)
 
 
 def test_resuming_names_a_missing_checkpoint_and_the_fix(tmp_path: Path) -> None:

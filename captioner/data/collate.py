@@ -52,9 +52,8 @@ class CaptionCollator:
         bad = [s[BAD] for s in samples if BAD in s]
         samples = [s for s in samples if BAD not in s]
         references = [s["captions"] for s in samples]
-        if self.train:  # a sample's own draw (`SeededSamples`), else one from this process
-            draws = [s.get("draw", int(torch.randint(0, 1 << 30, ()))) for s in samples]
-            picks = [d % len(refs) for d, refs in zip(draws, references, strict=True)]
+        if self.train:  # each sample's own draw (`seeded_sample`)
+            picks = [s["draw"] % len(refs) for s, refs in zip(samples, references, strict=True)]
         else:
             picks = [0] * len(samples)
         captions = [

@@ -12,7 +12,7 @@ from lightning import LightningDataModule
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.strategies import FSDPStrategy
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from captioner.data.collate import CaptionCollator
 from captioner.data.policy import BadSampleLog
@@ -21,34 +21,35 @@ from captioner.data.tokenizer import Tokenizer
 from captioner.data.transforms import ImagePreprocess, TrainAugment, image_size_pair
 from captioner.data.vocab_cache import cached_tokenizer
 from captioner.errors import ConfigError
+from captioner.seeding import mix_seed
 
 
-def mix_seed(seed: int, *parts: int) -> int:
-    """One seed from the run's seed and `parts` (epoch, sample index) alone: the same in every
-    process and after every resume."""
-    for part in parts:
-        seed = (seed * 1_000_003 + part) % (1 << 63)
-    return seed
-
-
-class EpochShuffle(Sampler[tuple[int, int]]):
+class EpochShuffle(DistributedSampler):
     """A new training order every epoch, drawn from the run's seed and the epoch alone (which
     Lightning sets before each epoch), so a resumed run sees the order the uninterrupted one
-    would have, whatever else drew random numbers before."""
+    would have, whatever else drew random numbers before. Under DDP each process takes every
+    `world_size`-th index of one shared order (the same number each, so ranks stay in step);
+    being a DistributedSampler, Lightning leaves it as it is. `skip` indices are left out of
+    the next pass only: where a run resumed mid-epoch goes on from."""
 
-    def __init__(self, size: int) -> None:
-        self.size, self.seed, self.epoch = size, torch.initial_seed(), 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.size
+    def __init__(
+        self,
+        size: int,
+        seed: int,
+        epoch: int = 0,
+        skip: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        super().__init__(range(size), num_replicas=world_size, rank=rank, drop_last=True)
+        self.size, self.seed, self.epoch, self.skip = size, seed, epoch, skip
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         """(index, epoch) pairs, for `SeededSamples`."""
         generator = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
-        return ((i, self.epoch) for i in torch.randperm(self.size, generator=generator).tolist())
+        order = torch.randperm(self.size, generator=generator)[: self.total_size]
+        skip, self.skip, epoch = self.skip, 0, self.epoch
+        return ((i, epoch) for i in order[self.rank :: self.num_replicas][skip:].tolist())
 
 
 class SeededSamples(Dataset):
@@ -56,20 +57,25 @@ class SeededSamples(Dataset):
     caption drawn, under "draw") come from (seed, epoch, index) alone: the same in a resumed
     run as in an uninterrupted one, whichever loader process reads the sample."""
 
-    def __init__(self, dataset: Dataset) -> None:
-        # the run's seed, read here in the main process: loader processes have seeds of their own
-        self.dataset, self.seed = dataset, torch.initial_seed()
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
         index, epoch = key
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(mix_seed(self.seed, epoch, index))
-            sample = self.dataset[index]
-            sample["draw"] = int(torch.randint(0, 1 << 30, ()))
-        return sample
+        return seeded_sample(mix_seed(self.seed, epoch, index), lambda: self.dataset[index])
+
+
+def seeded_sample(seed: int, read: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """`read()` with torch's generator seeded by `seed` (its augmentation), plus one draw
+    under "draw" (which reference caption it trains on), the caller's generator untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        sample = read()
+        sample["draw"] = int(torch.randint(0, 1 << 30, ()))
+    return sample
 
 
 class CaptionDataModule(LightningDataModule):
@@ -107,6 +113,9 @@ class CaptionDataModule(LightningDataModule):
         self.bad_samples = BadSampleLog(on_bad_sample)
         self._tokenizer: Tokenizer | None = None
         self._datasets: dict[str, Dataset] = {}
+        # the run's seed (as `seed_everything` left it), for the training order and draws
+        self.run_seed = torch.initial_seed()
+        self._resume: tuple[int, int] | None = None  # (epoch, batches done) from a checkpoint
 
     def split_names(self) -> list[str]:
         """The splits this config names, without reading any data."""
@@ -192,12 +201,45 @@ class CaptionDataModule(LightningDataModule):
             dataset, shuffle=False, **trainer.distributed_sampler_kwargs
         )
 
+    def state_dict(self) -> dict[str, int]:
+        """Where training is in its data, kept in every checkpoint: the epoch and the batches
+        of it already trained on, so a resumed run goes on from the next batch."""
+        if self.trainer is None:
+            return {}
+        batches = self.trainer.fit_loop.epoch_loop.batch_progress
+        if batches.is_last_batch:  # the epoch is over: the next one starts from its beginning
+            return {"epoch": self.trainer.current_epoch + 1, "batches": 0}
+        return {"epoch": self.trainer.current_epoch, "batches": batches.current.ready}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        if state_dict:
+            self._resume = state_dict["epoch"], state_dict["batches"]
+
+    def training_position(self) -> tuple[int, int]:
+        """(epoch, batches to skip) for the train loader being built: a checkpoint's position
+        once, after resuming, else the start of the current epoch."""
+        position, self._resume = self._resume, None
+        if position is not None:
+            return position
+        return (self.trainer.current_epoch if self.trainer is not None else 0), 0
+
     def _loader(self, split: str, train: bool) -> DataLoader:
         dataset = self.split(split)
+        if train:
+            epoch, batches = self.training_position()
+            trainer = self.trainer
+            dataset = SeededSamples(dataset, self.run_seed)
+            sampler: Sampler | None = EpochShuffle(
+                len(dataset), self.run_seed, epoch, skip=batches * self.batch_size,
+                rank=trainer.global_rank if trainer else 0,
+                world_size=trainer.world_size if trainer else 1,
+            )  # fmt: skip
+        else:
+            sampler = self.eval_sampler(split)
         return DataLoader(
-            SeededSamples(dataset) if train else dataset,
+            dataset,
             batch_size=self.batch_size,
-            sampler=EpochShuffle(len(dataset)) if train else self.eval_sampler(split),
+            sampler=sampler,
             drop_last=train,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import random
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -27,12 +29,15 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from captioner.data.datamodule import ImageDataModule
+from captioner.data.datamodule import ImageDataModule, seeded_sample
 from captioner.data.policy import BAD, BadSample
 from captioner.data.tokenizer import tokenizer_settings
 from captioner.data.transforms import load_image
 from captioner.data.vocab_cache import data_key
 from captioner.errors import ConfigError, DataError, ImageLoadError
+from captioner.seeding import mix_seed
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 CAPTION_EXTENSIONS = ("txt", "json")
@@ -109,7 +114,9 @@ class ShardStream(IterableDataset):
 
     `epoch` (set by `EpochLoader`) seeds the shard and buffer shuffles, so each epoch differs
     and every worker agrees on the shard order before taking its share. With `repeat` the
-    stream never ends (the loader decides where an epoch stops).
+    stream never ends (the loader decides where an epoch stops). With `sample_seed` (training)
+    a sample's random choices come from it, the epoch, the rank, the worker and the sample's
+    place in that worker's stream, as `SeededSamples` does for files.
     """
 
     def __init__(
@@ -120,9 +127,11 @@ class ShardStream(IterableDataset):
         shuffle_buffer: int = 0,
         seed: int = 0,
         repeat: bool = False,
+        sample_seed: int | None = None,
     ) -> None:
         self.shards, self.transform, self.shuffle = list(shards), transform, shuffle
         self.shuffle_buffer, self.seed, self.repeat = shuffle_buffer, seed, repeat
+        self.sample_seed = sample_seed
         self.rank, self.world_size, self.epoch = 0, 1, 0
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -146,8 +155,14 @@ class ShardStream(IterableDataset):
                 samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(
                     samples
                 )
-            for raw in samples:
-                yield raw if BAD in raw else decode_sample(raw, self.transform)
+            for position, raw in enumerate(samples):
+                if BAD in raw:
+                    yield raw
+                elif self.sample_seed is None:
+                    yield decode_sample(raw, self.transform)
+                else:
+                    seed = mix_seed(self.sample_seed, epoch, self.rank, worker, position)
+                    yield seeded_sample(seed, partial(decode_sample, raw, self.transform))
             if not self.repeat:
                 return
             epoch += 1
@@ -181,17 +196,28 @@ def read_shards(
 
 class EpochLoader(DataLoader):
     """A DataLoader over a `ShardStream` that tells the stream which epoch it is, and, given
-    `num_batches`, ends each epoch after that many batches (so DDP ranks stay in step)."""
+    `num_batches`, ends each epoch after that many batches (so DDP ranks stay in step). A
+    run resumed mid-epoch reads and drops the `skip` batches it already trained on: a stream
+    cannot seek, and reading is what keeps the order of an uninterrupted run."""
 
-    def __init__(self, dataset: ShardStream, num_batches: int | None = None, **kwargs: Any):
+    def __init__(
+        self,
+        dataset: ShardStream,
+        num_batches: int | None = None,
+        epoch: int = 0,
+        skip: int = 0,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(dataset, **kwargs)
-        self.num_batches = num_batches
-        self.epoch = 0  # of the next pass; a resumed run starts at its own epoch
+        self.num_batches, self.epoch, self.skip = num_batches, epoch, skip  # epoch: the next pass
 
     def __iter__(self) -> Iterator[Any]:
         self.dataset.epoch = self.epoch  # workers get a fresh copy of the dataset each epoch
         self.epoch += 1
-        return islice(super().__iter__(), self.num_batches)
+        skip, self.skip = self.skip, 0
+        if skip:
+            log.info("resuming mid-epoch: reading past the %d batches already trained on", skip)
+        return islice(super().__iter__(), skip, self.num_batches)
 
     def __len__(self) -> int:
         if self.num_batches is None:
@@ -241,6 +267,7 @@ class WebDataModule(ImageDataModule):
             shuffle_buffer=self.shuffle_buffer,
             seed=self.seed,
             repeat=train and bool(self.epoch_samples),
+            sample_seed=self.run_seed if train else None,
         )
 
     def _loader(self, split: str, train: bool) -> DataLoader:
@@ -262,17 +289,18 @@ class WebDataModule(ImageDataModule):
         num_batches = None
         if train and self.epoch_samples:
             num_batches = max(1, self.epoch_samples // (stream.world_size * self.batch_size))
-        loader = EpochLoader(
+        epoch, skip = self.training_position() if train else (0, 0)
+        return EpochLoader(
             stream,
             num_batches,
+            epoch,
+            skip,
             batch_size=self.batch_size,
             drop_last=train,
             num_workers=self.num_workers,
             pin_memory=self.pins_memory(),
             collate_fn=self.collator(split, train),
         )
-        loader.epoch = self.trainer.current_epoch if self.trainer is not None else 0  # resumes
-        return loader
 
     def training_captions(self) -> Iterator[str]:
         shards = self.shards["train"][: self.vocab_shards]

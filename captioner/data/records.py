@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from captioner.data.policy import BadSample, check_policy
+from captioner.data.tokenizer import caption_problem, one_line
 from captioner.errors import DataError
 
 _TOKEN_LINE = re.compile(r"(?P<image>[^\t]+)#\d+\t(?P<caption>.*)")  # `name.jpg#0<TAB>text`
@@ -205,16 +206,17 @@ def read_table(
 
 
 def _finish(entries: Iterable[_Entry], policy: str) -> tuple[list[Record], list[BadSample]]:
-    """Records with the empty captions dropped; every drop is a `BadSample`, raised under
-    `error` (the first one) and returned under `skip`."""
+    """Records of one-line captions (`one_line`), with empty and overlong ones dropped; every
+    drop is a `BadSample`, raised under `error` (the first one) and returned under `skip`."""
     records, bad = [], []
     for entry in entries:
         captions = []
         for text, source in entry.captions:
-            if text.strip():
-                captions.append(text.strip())
+            caption = one_line(text)
+            if problem := caption_problem(caption):
+                bad.append(BadSample(source, problem))
             else:
-                bad.append(BadSample(source, "empty caption"))
+                captions.append(caption)
         if captions:
             records.append(Record(entry.path, tuple(captions), entry.image_id))
         else:
@@ -248,6 +250,10 @@ def _parse_object(text: str, at: _At) -> dict[str, Any]:
     except json.JSONDecodeError as e:
         line = (at.line or 1) + e.lineno - 1
         raise DataError(f"{at.file}:{line}:{e.colno}: invalid JSON ({e.msg}).") from None
+    except RecursionError:
+        raise DataError(f"{at}: JSON nested too deeply to read; expected annotations.") from None
+    except ValueError as e:  # an integer of thousands of digits
+        raise DataError(f"{at}: a number in it cannot be read ({e}).") from None
     return _check(value, (dict,), at)
 
 
@@ -291,13 +297,14 @@ def _csv_rows(
 ) -> Iterator[tuple[_At, dict[str, str]]]:
     """Rows as {column: cell} after a header that must name `required`; blank lines skipped."""
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
-    header = [column.strip() for column in next(reader, [])]
+    lines = _csv_lines(reader, at)
+    header = [column.strip() for column in next(lines, [])]
     if missing := [column for column in required if column not in header]:
         raise DataError(
             f"{at.file}:1: header {header} lacks column(s) {missing}; expected a "
             f"header row naming {list(required)}, separated by {delimiter!r}."
         )
-    for row in reader:
+    for row in lines:
         if not any(cell.strip() for cell in row):
             continue
         if len(row) != len(header):
@@ -306,6 +313,14 @@ def _csv_rows(
                 f"separated by {delimiter!r} as in the header, got {len(row)}."
             )
         yield replace(at, line=reader.line_num), dict(zip(header, row, strict=True))
+
+
+def _csv_lines(reader: Any, at: _At) -> Iterator[list[str]]:
+    """The reader's rows; what the csv module cannot read is a `DataError` naming the line."""
+    try:
+        yield from reader
+    except csv.Error as e:
+        raise DataError(f"{at.file}:{reader.line_num}: unreadable CSV ({e}).") from None
 
 
 def _flickr_lines(text: str, at: _At) -> Iterator[tuple[_At, str, str]]:

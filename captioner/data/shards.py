@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 
 from captioner.data.datamodule import ImageDataModule, seeded_sample
 from captioner.data.policy import BAD, BadSample
-from captioner.data.tokenizer import tokenizer_settings
+from captioner.data.tokenizer import caption_problem, one_line, tokenizer_settings
 from captioner.data.transforms import load_image
 from captioner.data.vocab_cache import data_key
 from captioner.errors import ConfigError, DataError, ImageLoadError
@@ -88,7 +88,9 @@ def sample_captions(raw: dict[str, Any]) -> list[str] | BadSample:
     captions = [captions] if isinstance(captions, str) else captions
     if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
         return BadSample(f"{source}.json", "'caption' is not a string or a list of strings")
-    return [c.strip() for c in captions if c.strip()] or BadSample(source, "empty caption")
+    kept = [line for line in map(one_line, captions) if line]  # an empty one among others: dropped
+    problem = next(filter(None, map(caption_problem, kept or [""])), None)
+    return BadSample(source, problem) if problem else kept
 
 
 def decode_sample(

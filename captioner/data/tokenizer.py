@@ -9,12 +9,33 @@ from typing import Any
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIALS = (PAD, BOS, EOS, UNK)
-_WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?|[^\sa-z0-9]")
+_CONTROLS = r"\x00-\x1f\x7f-\x9f"  # never words: NUL, escape codes, line breaks...
+_CONTROL = re.compile(f"[{_CONTROLS}]")
+_WORD = re.compile(f"[a-z0-9]+(?:'[a-z]+)?|[^\\sa-z0-9{_CONTROLS}]")
+# Dense-caption sets run to a few thousand characters; more is a file's worth of text in one
+# field, which no caption model should train on or be scored against.
+MAX_CAPTION_CHARS = 10_000
 
 
 def tokenizer_settings(min_freq: int) -> dict[str, Any]:
     """Everything that decides the vocabulary besides the captions: part of its cache key."""
     return {"type": "word", "pattern": _WORD.pattern, "specials": SPECIALS, "min_freq": min_freq}
+
+
+def one_line(text: str) -> str:
+    """`text` as one line: control characters and line breaks of every kind become spaces,
+    runs of whitespace one space. The COCO scorer's tokenizer reads a caption a line, so a
+    stray carriage return in one reference would move every later one onto the wrong image."""
+    return " ".join(_CONTROL.sub(" ", text).split())
+
+
+def caption_problem(caption: str) -> str | None:
+    """Why a caption (already `one_line`) cannot be used, or None."""
+    if not caption:
+        return "empty caption"
+    if len(caption) > MAX_CAPTION_CHARS:
+        return f"caption of {len(caption)} characters, over the limit of {MAX_CAPTION_CHARS}"
+    return None
 
 
 def split_words(text: str) -> list[str]:

@@ -16,6 +16,8 @@ from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
+from captioner.data.tokenizer import one_line
+
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
@@ -77,9 +79,9 @@ def caption_scores(
     with _quiet():
         tokenizer = PTBTokenizer()
         gts = tokenizer.tokenize(
-            {k: [{"caption": c} for c in refs] for k, refs in references.items()}
+            {k: [{"caption": one_line(c)} for c in refs] for k, refs in references.items()}
         )
-        res = tokenizer.tokenize({k: [{"caption": c}] for k, c in predictions.items()})
+        res = tokenizer.tokenize({k: [{"caption": one_line(c)}] for k, c in predictions.items()})
         bleu, _ = Bleu(4).compute_score(gts, res)
         scores = {f"BLEU-{n}": float(b) for n, b in enumerate(bleu, start=1)}
         if meteor:

@@ -5,6 +5,7 @@ readers, the image loader and the shard caption reader are fuzzed with hypothesi
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import unicodedata
 from collections.abc import Callable
@@ -310,6 +311,14 @@ def test_a_non_image_named_as_an_image_is_named_with_the_reason(
     with pytest.raises(ImageLoadError, match=reason) as err:
         load_image(path)
     assert str(path) in str(err.value)
+
+
+def test_a_pipe_named_as_an_image_is_refused_instead_of_read(tmp_path: Path) -> None:
+    """Opening a FIFO for reading blocks until something writes to it: a loader would hang."""
+    pipe = tmp_path / "photo.jpg"
+    os.mkfifo(pipe)
+    with pytest.raises(ImageLoadError, match="photo.jpg: is a pipe, socket or device"):
+        load_image(pipe)
 
 
 def test_a_training_run_skips_a_mislabelled_file_and_keeps_a_mislabelled_image(

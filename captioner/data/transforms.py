@@ -30,6 +30,9 @@ def load_image(source: str | Path | bytes, name: str | None = None) -> Image.Ima
     a decompression bomb, so a bad file never surfaces as a traceback from deep inside PIL.
     """
     label = name or ("<bytes>" if isinstance(source, bytes) else str(source))
+    if not isinstance(source, bytes) and Path(source).exists() and not Path(source).is_file():
+        kind = "a directory" if Path(source).is_dir() else "a pipe, socket or device"
+        raise ImageLoadError(label, f"is {kind}, not an image file")  # reading could block
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -38,8 +41,6 @@ def load_image(source: str | Path | bytes, name: str | None = None) -> Image.Ima
                 return to_rgb(ImageOps.exif_transpose(image))
     except FileNotFoundError:
         raise ImageLoadError(label, "no such file") from None
-    except IsADirectoryError:
-        raise ImageLoadError(label, "is a directory, not an image file") from None
     except UnidentifiedImageError:
         raise ImageLoadError(label, "not a readable image (unknown or corrupt format)") from None
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:

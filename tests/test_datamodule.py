@@ -97,14 +97,18 @@ def test_batches_are_pinned_only_for_a_gpu() -> None:
 
 def test_the_training_order_depends_on_seed_and_epoch_and_is_dealt_out_to_ranks() -> None:
     ranks = [EpochShuffle(10, seed=3, epoch=1, rank=r, world_size=3) for r in range(3)]
-    shares = [[index for index, _ in sampler] for sampler in ranks]
+    passes = [[list(sampler) for _ in range(2)] for sampler in ranks]  # epochs 1 and 2
+    shares = [[index for index, _ in epochs[0]] for epochs in passes]
     assert [len(share) for share in shares] == [len(sampler) for sampler in ranks] == [3, 3, 3]
     assert len(set().union(*shares)) == 9  # disjoint; the tenth image waits for another epoch
-    assert {epoch for sampler in ranks for _, epoch in sampler} == {1}
+    assert {epoch for epochs in passes for _, epoch in epochs[0]} == {1}
+    assert {epoch for epochs in passes for _, epoch in epochs[1]} == {2}
+    assert passes[1][1] != passes[1][0]  # a new order each pass
+    ranks[1].set_epoch(7)  # Lightning's epoch number is not taken: the sampler counts
+    assert [epoch for _, epoch in ranks[1]] == [3, 3, 3]
     assert [i for i, _ in EpochShuffle(10, seed=3, epoch=1, rank=1, world_size=3)] == shares[1]
-    assert [i for i, _ in EpochShuffle(10, seed=3, epoch=2, rank=1, world_size=3)] != shares[1]
     assert [i for i, _ in EpochShuffle(10, seed=4, epoch=1, rank=1, world_size=3)] != shares[1]
 
     resumed = EpochShuffle(10, seed=3, epoch=1, skip=2, rank=1, world_size=3)
     assert [i for i, _ in resumed] == shares[1][2:]  # what a run resumed mid-epoch goes on with
-    assert [i for i, _ in resumed] == shares[1]  # and the next pass is whole again
+    assert list(resumed) == passes[1][1]  # and the next pass is the whole next epoch

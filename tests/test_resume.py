@@ -175,6 +175,18 @@ def test_a_run_on_shards_resumes_mid_epoch_exactly(epoch_samples: str, tmp_path:
     assert_resumed_exactly(whole, stopped, stopped=7, resumed_at=5)
 
 
+def test_a_run_extended_past_its_max_steps_goes_on_with_the_next_batch(tmp_path: Path) -> None:
+    """A run ended by `trainer.max_steps` mid-epoch and resumed with a larger one trains on the
+    batches a longer run would have (Lightning continues the epoch but numbers it as the next
+    one to samplers, which `EpochShuffle` therefore ignores)."""
+    whole, short = tmp_path / "whole", tmp_path / "short"
+    train(compose_train(*RUN, PROBE, "trainer.max_steps=12", output_dir=whole))
+    train(compose_train(*RUN, PROBE, "trainer.max_steps=10", output_dir=short))
+    train(compose_train(*RUN, PROBE, "trainer.max_steps=12", "ckpt_path=last", output_dir=short))
+    (longer,) = steps_by_run(whole)
+    assert steps_by_run(short) == [longer[:10], longer[10:]]
+
+
 def test_resuming_names_a_missing_checkpoint_and_the_fix(tmp_path: Path) -> None:
     cfg = compose_train("experiment=shapes_tiny", "ckpt_path=last", output_dir=tmp_path)
     with pytest.raises(ConfigError, match=r"ckpt_path=last: there is no last.ckpt in .*hydra.run"):

@@ -25,12 +25,12 @@ from captioner.seeding import mix_seed
 
 
 class EpochShuffle(DistributedSampler):
-    """A new training order every epoch, drawn from the run's seed and the epoch alone (which
-    Lightning sets before each epoch), so a resumed run sees the order the uninterrupted one
-    would have, whatever else drew random numbers before. Under DDP each process takes every
-    `world_size`-th index of one shared order (the same number each, so ranks stay in step);
-    being a DistributedSampler, Lightning leaves it as it is. `skip` indices are left out of
-    the next pass only: where a run resumed mid-epoch goes on from."""
+    """A new training order every pass, drawn from the run's seed and the epoch alone, so a
+    resumed run sees the order the uninterrupted one would have, whatever else drew random
+    numbers before. Under DDP each process takes every `world_size`-th index of one shared
+    order (the same number each, so ranks stay in step); being a DistributedSampler, Lightning
+    leaves it as it is. It counts epochs itself, one a pass from `epoch` on, and leaves `skip`
+    indices out of the first pass only: where a checkpoint says training was."""
 
     def __init__(
         self,
@@ -44,11 +44,16 @@ class EpochShuffle(DistributedSampler):
         super().__init__(range(size), num_replicas=world_size, rank=rank, drop_last=True)
         self.size, self.seed, self.epoch, self.skip = size, seed, epoch, skip
 
+    def set_epoch(self, epoch: int) -> None:
+        """Ignored: after a checkpoint written when `max_steps` ended a run mid-epoch, Lightning
+        goes on with that epoch's batches but passes the next epoch's number here."""
+
     def __iter__(self) -> Iterator[tuple[int, int]]:
         """(index, epoch) pairs, for `SeededSamples`."""
-        generator = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
+        epoch, skip = self.epoch, self.skip
+        self.epoch, self.skip = epoch + 1, 0
+        generator = torch.Generator().manual_seed(mix_seed(self.seed, epoch))
         order = torch.randperm(self.size, generator=generator)[: self.total_size]
-        skip, self.skip, epoch = self.skip, 0, self.epoch
         return ((i, epoch) for i in order[self.rank :: self.num_replicas][skip:].tolist())
 
 

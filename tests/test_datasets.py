@@ -17,6 +17,7 @@ import pytest
 import torch
 from builders import (
     TEST_ONLY_WORD,
+    TINY_IMAGE_MODEL,
     image_bytes,
     scenes,
     write_coco,
@@ -38,11 +39,9 @@ from captioner.tasks import train
 
 # A model small enough that a few steps take a second; every run writes under tmp_path.
 TINY = (
-    "model=tiny", "model.patch_size=8", "model.encoder_dim=32", "model.encoder_depth=1",
-    "model.encoder_heads=2", "model.decoder_dim=32", "model.decoder_depth=1",
-    "model.decoder_heads=2", "data.image_size=32", "data.batch_size=4", "data.min_freq=1",
-    "data.num_workers=0", "~logger", "callbacks.lr_monitor=null",
-    "callbacks.rich_progress_bar=null", "callbacks.attention_samples=null",
+    *TINY_IMAGE_MODEL, "data.batch_size=4", "data.num_workers=0", "~logger",
+    "callbacks.lr_monitor=null", "callbacks.rich_progress_bar=null",
+    "callbacks.attention_samples=null",
 )  # fmt: skip
 
 WRITERS = {

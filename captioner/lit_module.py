@@ -373,6 +373,11 @@ class CaptionerLitModule(LightningModule):
             "preprocess": self.preprocess,
             "data": self.data_config,
         }
+        checkpoint["run_seed"] = self.run_seed
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A resumed run draws dropout from the checkpoint's seed, as its data order does."""
+        self.run_seed = checkpoint.get("run_seed", self.run_seed)
 
 
 def _rank_and_world() -> tuple[int, int]:

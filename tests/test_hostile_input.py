@@ -43,6 +43,7 @@ def is_control(char: str) -> bool:
 @FUZZ
 @given(st.text())
 @example("a dog\r\nruns\x00 \x1b[31m fast\u2028 ")
+@example("a lone \ud800 surrogate")
 def test_a_caption_becomes_one_clean_line(text: str) -> None:
     line = one_line(text)
     assert not any(is_control(c) for c in line) and line == line.strip()
@@ -63,6 +64,7 @@ def test_a_line_break_in_a_reference_does_not_shift_the_others_in_scoring() -> N
 @FUZZ
 @given(st.lists(st.text(), max_size=6), st.text(), st.integers(3, 40))
 @example(["\x00 \x1b dog"], "\x1b[1m dog \u2028 ' ( .", 5)
+@example(["a \udfff dog"], "\ud800", 5)
 def test_the_tokenizer_handles_any_text(captions: list[str], text: str, max_len: int) -> None:
     tokenizer = Tokenizer.build([*captions, "a dog"])
     assert not any(is_control(c) for word in tokenizer.itos for c in word)
@@ -227,6 +229,8 @@ def test_a_caption_of_100k_characters_is_a_bad_sample(policy: str, tmp_path: Pat
 @FUZZ
 @given(st.binary(max_size=64) | st.text(max_size=64).map(str.encode), st.booleans())
 @example(json.dumps({"caption": ["a\x00 dog\r", " "]}).encode(), True)
+@example(b"[" * 100_000 + b"]" * 100_000, True)
+@example(b'{"caption": "a", "n": ' + b"1" * 5000 + b"}", True)
 @example(("x " * MAX_CAPTION_CHARS).encode(), False)
 def test_shard_captions_fuzzed(content: bytes, as_json: bool) -> None:
     captions = sample_captions({"__url__": "s.tar", "__key__": "k", "json" if as_json else "txt":
@@ -311,6 +315,26 @@ def test_a_non_image_named_as_an_image_is_named_with_the_reason(
     with pytest.raises(ImageLoadError, match=reason) as err:
         load_image(path)
     assert str(path) in str(err.value)
+
+
+def test_a_caption_with_a_lone_surrogate_can_be_scored() -> None:
+    """JSON can hold "\\ud800"; the COCO scorer's tokenizer cannot encode it."""
+    scores = caption_scores({1: "a dog \ud800"}, {1: ["a dog \udfff"]}, meteor=False)
+    assert scores["BLEU-1"] > 0.99
+
+
+def test_an_eps_file_named_as_an_image_is_not_rendered(tmp_path: Path) -> None:
+    """PIL renders EPS by running Ghostscript: no file named as a photo may start a program."""
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n")
+    with pytest.raises(ImageLoadError, match="photo.jpg: not a readable image"):
+        load_image(path)
+
+
+def test_an_unreadable_path_is_named_not_raised_from_the_os(tmp_path: Path) -> None:
+    too_long = tmp_path / ("x" * 300 + ".jpg")
+    with pytest.raises(ImageLoadError, match="File name too long"):
+        load_image(too_long)
 
 
 def test_a_pipe_named_as_an_image_is_refused_instead_of_read(tmp_path: Path) -> None:

@@ -9,21 +9,24 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from builders import TINY_IMAGE_MODEL, Interrupted, Poison, write_shards
+from builders import TINY_IMAGE_MODEL, Interrupted, Poison, StepProbe, write_shards
 from conftest import compose_train
 from hydra.utils import instantiate
-from lightning import Callback, Trainer
+from lightning import Callback, Trainer, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import SingleDeviceStrategy
 
 from captioner import checkpoint as checkpoint_module
 from captioner.checkpoint import AtomicCheckpointIO
 from captioner.data import ShapesDataModule
 from captioner.errors import ConfigError, TrainingError
-from captioner.lit_module import CaptionerLitModule
+from captioner.lit_module import CaptionerLitModule, warmup_cosine_schedule
 from captioner.tasks import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -185,6 +188,46 @@ def test_a_run_extended_past_its_max_steps_goes_on_with_the_next_batch(tmp_path:
     train(compose_train(*RUN, PROBE, "trainer.max_steps=12", "ckpt_path=last", output_dir=short))
     (longer,) = steps_by_run(whole)
     assert steps_by_run(short) == [longer[:10], longer[10:]]
+
+
+class LateRestore(SingleDeviceStrategy):
+    """Restores checkpoints after setup, as FSDP and DeepSpeed do: the train loader has been
+    built (for the scheduler's step count) before the datamodule learns where training was."""
+
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        return True
+
+
+def test_a_strategy_that_restores_after_setup_resumes_at_the_checkpoints_batch(
+    tmp_path: Path,
+) -> None:
+    def run(fail_at: int | None = None, ckpt: Path | None = None) -> None:
+        seed_everything(7)
+        dm = ShapesDataModule(image_size=32, num_train=64, num_val=4, num_test=4, batch_size=8)
+        module = CaptionerLitModule(
+            dm.tokenizer, dm.preprocess.to_dict(), torch.optim.AdamW,
+            partial(warmup_cosine_schedule, warmup_steps=2), image_size=32, patch_size=8,
+            encoder_dim=32, encoder_depth=1, encoder_heads=2, decoder_dim=32, decoder_depth=1,
+            decoder_heads=2, max_len=24, dropout=0.1,
+        )  # fmt: skip
+        folder = tmp_path / ("whole" if ckpt is None and fail_at is None else "stopped")
+        savers = [  # as conf/callbacks/default.yaml: last.ckpt every 5 steps and at epoch ends
+            ModelCheckpoint(folder / "checkpoints", "last", enable_version_counter=False, **every)
+            for every in ({"every_n_train_steps": 5}, {"every_n_epochs": 1})
+        ]
+        trainer = Trainer(
+            strategy=LateRestore(torch.device("cpu")), max_epochs=2, limit_val_batches=0,
+            logger=False, enable_progress_bar=False, enable_model_summary=False,
+            default_root_dir=folder, callbacks=[*savers, StepProbe(fail_at_step=fail_at)],
+        )  # fmt: skip
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
+
+    run()
+    with pytest.raises(Interrupted):
+        run(fail_at=13)
+    run(ckpt=tmp_path / "stopped" / "checkpoints" / "last.ckpt")
+    assert_resumed_exactly(tmp_path / "whole", tmp_path / "stopped", stopped=13, resumed_at=10)
 
 
 def test_resuming_names_a_missing_checkpoint_and_the_fix(tmp_path: Path) -> None:

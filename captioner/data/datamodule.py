@@ -207,18 +207,28 @@ class CaptionDataModule(LightningDataModule):
         )
 
     def state_dict(self) -> dict[str, int]:
-        """Where training is in its data, kept in every checkpoint: the epoch and the batches
-        of it already trained on, so a resumed run goes on from the next batch."""
+        """Where training is in its data, kept in every checkpoint: the run's seed, the epoch
+        and the batches of it already trained on, so a resumed run goes on from the next batch
+        of the same order."""
         if self.trainer is None:
             return {}
         batches = self.trainer.fit_loop.epoch_loop.batch_progress
+        state = {"seed": self.run_seed, "epoch": self.trainer.current_epoch}
         if batches.is_last_batch:  # the epoch is over: the next one starts from its beginning
-            return {"epoch": self.trainer.current_epoch + 1, "batches": 0}
-        return {"epoch": self.trainer.current_epoch, "batches": batches.current.ready}
+            return state | {"epoch": state["epoch"] + 1, "batches": 0}
+        return state | {"batches": batches.current.ready}
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        if state_dict:
+        """Resuming training (not validating or testing a checkpoint): the checkpoint's seed
+        and place in the data, whatever `seed=` this run was given."""
+        if state_dict and self.trainer is not None and self.trainer.state.fn == "fit":
+            self.run_seed = state_dict["seed"]
             self._resume = state_dict["epoch"], state_dict["batches"]
+            fit_loop = self.trainer.fit_loop
+            if fit_loop._combined_loader is not None:
+                # built before this restore (FSDP and DeepSpeed restore after setup, where the
+                # scheduler counted the steps): built again from the checkpoint's place
+                fit_loop._combined_loader = None
 
     def training_position(self) -> tuple[int, int]:
         """(epoch, batches to skip) for the train loader being built: a checkpoint's position

@@ -2,8 +2,9 @@
 
 Two kinds of trouble are kept apart. A malformed annotation file (missing, invalid JSON, a
 wrong key or type, a broken line) is a `DataError` at once whatever the policy, naming the
-file and the line or key path, because nothing read from it could be trusted. An empty caption
-is a bad sample, handled by `data.on_bad_sample`: `error` raises, `skip` drops it and returns a
+file and the line or key path, because nothing read from it could be trusted. Captions are
+made one line (`one_line`); an empty or overlong one is a bad sample, handled by
+`data.on_bad_sample`: `error` raises, `skip` drops it and returns a
 `BadSample` for it (and for an image left with no caption), so nothing is lost silently.
 
 Pure Python: images are neither opened nor stat'ed here; the datasets load them lazily.
@@ -43,7 +44,7 @@ class Record:
     """One image and every reference caption for it: what training and evaluation consume."""
 
     image: Path  # the image file, root or folder already joined
-    captions: tuple[str, ...]  # whitespace-stripped, non-empty, in file order
+    captions: tuple[str, ...]  # one line each (`one_line`), non-empty, in file order
     image_id: int | str  # the id evaluation reports under
 
 

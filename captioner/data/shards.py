@@ -79,8 +79,8 @@ def sample_captions(raw: dict[str, Any]) -> list[str] | BadSample:
     if "json" in raw:
         try:
             captions = json.loads(raw["json"]).get("caption")
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-            return BadSample(f"{source}.json", "not a JSON object")
+        except (ValueError, RecursionError, AttributeError):  # invalid, huge numbers, too deep
+            return BadSample(f"{source}.json", "not a readable JSON object")
     if captions is None and "txt" in raw:
         captions = raw["txt"].decode("utf-8", errors="replace")
     if captions is None:

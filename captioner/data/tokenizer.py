@@ -9,7 +9,9 @@ from typing import Any
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIALS = (PAD, BOS, EOS, UNK)
-_CONTROLS = r"\x00-\x1f\x7f-\x9f"  # never words: NUL, escape codes, line breaks...
+# never words: NUL, escape codes, line breaks..., and lone UTF-16 surrogates (JSON can hold
+# "\ud800", which no UTF-8 encoder, the COCO scorer's included, accepts)
+_CONTROLS = r"\x00-\x1f\x7f-\x9f\ud800-\udfff"
 _CONTROL = re.compile(f"[{_CONTROLS}]")
 _WORD = re.compile(f"[a-z0-9]+(?:'[a-z]+)?|[^\\sa-z0-9{_CONTROLS}]")
 # Dense-caption sets run to a few thousand characters; more is a file's worth of text in one

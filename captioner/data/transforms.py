@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import math
+import os
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +23,10 @@ IMAGE_MEAN = (0.5, 0.5, 0.5)
 IMAGE_STD = (0.5, 0.5, 0.5)
 # Transparent pixels are shown over white, as a browser or viewer shows them.
 BACKGROUND = (255, 255, 255)
+Image.init()
+# Every raster format PIL reads, but not EPS, which PIL renders by running Ghostscript: no
+# file named as a photo should start another program.
+_READABLE = tuple(sorted(set(Image.OPEN) - {"EPS"}))
 
 
 def load_image(source: str | Path | bytes, name: str | None = None) -> Image.Image:
@@ -30,14 +36,14 @@ def load_image(source: str | Path | bytes, name: str | None = None) -> Image.Ima
     a decompression bomb, so a bad file never surfaces as a traceback from deep inside PIL.
     """
     label = name or ("<bytes>" if isinstance(source, bytes) else str(source))
-    if not isinstance(source, bytes) and Path(source).exists() and not Path(source).is_file():
-        kind = "a directory" if Path(source).is_dir() else "a pipe, socket or device"
-        raise ImageLoadError(label, f"is {kind}, not an image file")  # reading could block
     try:
+        if not isinstance(source, bytes) and not stat.S_ISREG(os.stat(source).st_mode):
+            kind = "a directory" if Path(source).is_dir() else "a pipe, socket or device"
+            raise ImageLoadError(label, f"is {kind}, not an image file")  # reading could block
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            opened = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
-            with opened as image:
+            data = io.BytesIO(source) if isinstance(source, bytes) else source
+            with Image.open(data, formats=_READABLE) as image:
                 return to_rgb(ImageOps.exif_transpose(image))
     except FileNotFoundError:
         raise ImageLoadError(label, "no such file") from None
@@ -45,8 +51,11 @@ def load_image(source: str | Path | bytes, name: str | None = None) -> Image.Ima
         raise ImageLoadError(label, "not a readable image (unknown or corrupt format)") from None
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
         raise ImageLoadError(label, f"refused as a possible decompression bomb ({err})") from None
-    except (OSError, SyntaxError, ValueError) as err:  # truncated or damaged pixel data
-        raise ImageLoadError(label, f"damaged image data ({err})") from None
+    except ImageLoadError:
+        raise
+    except Exception as err:
+        reason = f"unreadable, damaged or unsupported image data ({type(err).__name__}: {err})"
+        raise ImageLoadError(label, reason) from None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -1,8 +1,11 @@
-"""Lightning callbacks: a look at where the model's words fall on validation images."""
+"""Lightning callbacks: a look at where the model's words fall on validation images, and a
+checkpoint when the job is told to stop."""
 
 from __future__ import annotations
 
 import dataclasses
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +14,7 @@ from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from captioner.data.transforms import ImagePreprocess
+from captioner.errors import Preempted
 from captioner.inference import Captioner
 
 
@@ -69,3 +73,68 @@ class AttentionSamples(Callback):
                 if isinstance(logger, TensorBoardLogger):
                     logger.experiment.add_figure(f"attention/{i}", figure, step)
                     logger.experiment.add_text(f"attention/{i}", caption.text, step)
+
+
+class CheckpointOnSigterm(Callback):
+    """On SIGTERM (what SLURM and other schedulers send before pre-empting a job), write
+    `last.ckpt` at the end of the training step under way, then stop with `Preempted` (exit
+    status 143), so a pre-emption costs at most one step, never the steps since the last
+    periodic checkpoint.
+
+    The checkpoint is written where the step-interval one is, so resuming from it
+    (`ckpt_path=last`) is exact. A SIGTERM during validation lets validation finish first;
+    one after the last step leaves the final checkpoints as they are. Under DDP, processes
+    agree after every step on whether any of them was told to stop, as Lightning's own
+    handler does. The handler replaces Lightning's while training runs (which would stop
+    mid-validation, or end the process with status 0) and is put back at the end.
+    """
+
+    def __init__(self, dirpath: str | Path, filename: str = "last") -> None:
+        self.path = Path(dirpath) / f"{filename}.ckpt"
+        self.requested = False
+        self._previous: Any = None
+        self._trainer: Trainer | None = None
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # only the main thread may handle signals; Lightning's handler stays
+        self.requested, self._trainer = False, trainer
+        self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        launcher = self._trainer.strategy.launcher if self._trainer is not None else None
+        if not self.requested and launcher is not None:
+            launcher.kill(signum)  # the processes this one started get it too
+        self.requested = True
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, *args: Any, **kwargs: Any
+    ) -> None:
+        stop = self.requested
+        if trainer.world_size > 1:
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if stop:
+            trainer.save_checkpoint(self.path)
+            raise Preempted(
+                f"stopped by SIGTERM after step {trainer.global_step} (epoch "
+                f"{trainer.current_epoch}); saved {self.path}. Resume with ckpt_path=last "
+                f"hydra.run.dir={self.path.parent.parent}"
+            )
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._restore()
+        if self.requested:
+            raise Preempted(
+                "stopped by SIGTERM after the last training step; the final checkpoints are "
+                "written, the test was not run: python scripts/eval.py ckpt_path=<checkpoint>"
+            )
+
+    def on_exception(
+        self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
+    ) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None

@@ -1,4 +1,4 @@
-"""Reading and exporting checkpoints, without ever running code stored in a file.
+"""Reading and exporting checkpoints: a checkpoint is data, and nothing in it ever runs.
 
 Two formats hold everything a captioner needs (weights, architecture, vocabulary, image
 preprocessing and the data config it was trained on):
@@ -6,6 +6,13 @@ preprocessing and the data config it was trained on):
   refuses any pickled object other than tensors and plain values;
 - an export folder from `scripts/export.py`: `model.safetensors` (tensors only, no pickle) and
   `captioner.json`.
+
+Whatever the format, every part is checked before anything is built from it: the file is a
+checkpoint at all, the architecture's values have their types and fit the weights' shapes
+(checked on a model built on the `meta` device, so a forged size allocates nothing), weights
+are finite floating-point tensors, the vocabulary and preprocessing are well formed, and the
+recorded data config names a known data kind with typed fields (`captioner.data.stored`).
+Every failure is a `CheckpointError` naming the file and the field.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import os
 import pickle
 import re
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +32,10 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from captioner.data.datamodule import CaptionDataModule
+from captioner.data.stored import check_data_config, datamodule_from_record
+from captioner.data.tokenizer import Tokenizer
+from captioner.data.transforms import ImagePreprocess
 from captioner.errors import CheckpointError, ConfigError, UnsafeCheckpointError
 from captioner.models import CaptionerConfig, CaptionerModel
 
@@ -31,14 +43,27 @@ WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "captioner.json"
 FORMAT_VERSION = 1
 REQUIRED = ("config", "tokenizer", "preprocess")
+TEMPORARY_SUFFIX = ".tmp"  # a checkpoint being written: `.<name>.ckpt.<random>.tmp`
+_PATH_KEYS = ("best_model_path", "last_model_path", "kth_best_model_path")
 _HELP = "use a .ckpt written by scripts/train.py or a folder written by scripts/export.py"
+# Leading bytes of files that get named `.ckpt` by mistake, to say what the file is instead.
+_SIGNATURES = (
+    (b"\x89PNG\r\n\x1a\n", "a PNG image"),
+    (b"\xff\xd8\xff", "a JPEG image"),
+    (b"GIF8", "a GIF image"),
+    (b"RIFF", "a RIFF file (WebP, WAV, AVI)"),
+    (b"%PDF", "a PDF document"),
+    (b"\x1f\x8b", "a gzip archive"),
+    (b"\x7fELF", "a program (ELF)"),
+)
 
 
 @dataclass
 class CheckpointContents:
-    """A checkpoint's parts, as plain types and tensors."""
+    """A checkpoint's parts, as plain types and tensors, every one already checked."""
 
     source: Path  # the file it was read from, named in every error
+    kind: str  # "lightning" (a .ckpt: can resume training) or "export" (weights only)
     config: CaptionerConfig
     tokenizer: dict[str, Any]  # `Tokenizer.to_dict()`
     preprocess: dict[str, Any]  # `ImagePreprocess.to_dict()`
@@ -55,10 +80,22 @@ class CheckpointContents:
         missing = sorted(set(missing) - _tied_names(model))  # tied weights are stored once
         if missing or unexpected:
             raise CheckpointError(
-                f"{self.source}: its weights do not fit the architecture it records "
+                f"{self.source}: its weights do not fit the model they are loaded into "
                 f"(missing: {missing[:5]}, unexpected: {sorted(unexpected)[:5]}); {_HELP}."
             )
         return model
+
+    def datamodule(self, **changes: Any) -> CaptionDataModule:
+        """The data it was trained on, rebuilt from the recorded config (never instantiated
+        from it), with `changes` applied."""
+        if self.data is None:
+            raise ConfigError(
+                f"{self.source} does not record its data config: name one, e.g. data=shapes."
+            )
+        try:
+            return datamodule_from_record(self.data, **changes)
+        except ConfigError as err:
+            raise CheckpointError(f"{self.source}: its recorded {err}") from None
 
     def metadata(self) -> dict[str, Any]:
         """Everything but the weights, as JSON-able values."""
@@ -82,45 +119,173 @@ def _tied_names(model: torch.nn.Module) -> set[str]:
     return tied
 
 
-def _contents(meta: Any, state: dict[str, torch.Tensor], source: Path) -> CheckpointContents:
+def _field(source: Path, name: str, read: Callable[[], Any]) -> Any:
+    """`read()`, with whatever is wrong with the value a `CheckpointError` naming the field."""
+    try:
+        return read()
+    except (ValueError, TypeError, KeyError) as err:  # ConfigError is a ValueError
+        raise CheckpointError(f"{source}: field {name!r} is not valid: {err}") from None
+
+
+def _contents(meta: Any, state: Any, source: Path, kind: str) -> CheckpointContents:
+    """Check every part of a checkpoint, cheapest first, before anything is built from it."""
     if not isinstance(meta, dict) or any(key not in meta for key in REQUIRED):
         raise CheckpointError(
             f"{source}: not a captioner checkpoint (it lacks {', '.join(REQUIRED)}); {_HELP}."
         )
-    try:
-        config = CaptionerConfig.from_dict(meta["config"])
-    except (ConfigError, TypeError) as err:
-        raise CheckpointError(f"{source}: its model config is not valid: {err}") from None
+    config = _field(source, "config", lambda: CaptionerConfig.from_dict(meta["config"]))
+    tokenizer = _field(source, "tokenizer", lambda: Tokenizer.from_dict(meta["tokenizer"]))
+    if len(tokenizer) != config.vocab_size:
+        raise CheckpointError(
+            f"{source}: field 'tokenizer' holds {len(tokenizer)} words but config.vocab_size is "
+            f"{config.vocab_size}; the checkpoint is inconsistent."
+        )
+    preprocess = _field(source, "preprocess", lambda: ImagePreprocess.from_dict(meta["preprocess"]))
+    if preprocess.image_size != config.image_size or len(preprocess.mean) != config.in_channels:
+        raise CheckpointError(
+            f"{source}: field 'preprocess' ({list(preprocess.image_size)} px, "
+            f"{len(preprocess.mean)} channels) does not match config.image_size "
+            f"{list(config.image_size)} and config.in_channels {config.in_channels}."
+        )
+    data = meta.get("data")
+    if data is not None:
+        _field(source, "data", lambda: check_data_config(data))
+    _check_weights(config, state, source)
     return CheckpointContents(
-        source, config, meta["tokenizer"], meta["preprocess"], state, meta.get("data")
+        source, kind, config, tokenizer.to_dict(), preprocess.to_dict(), state, data
     )
 
 
-def _load_lightning(path: Path) -> CheckpointContents:
+def _check_weights(config: CaptionerConfig, state: Any, source: Path) -> None:
+    """The weights fit the architecture the checkpoint records, every one a finite float.
+
+    The model is built on the `meta` device, which allocates nothing, after the block counts
+    are checked against the stored names (a forged depth would build millions of modules):
+    a checkpoint cannot make loading allocate more than it stores.
+    """
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise CheckpointError(f"{source}: its weights are not a mapping of names to tensors.")
+    for stack in ("encoder", "decoder"):
+        found = {int(m[1]) for k in state if (m := re.match(rf"{stack}\.blocks\.(\d+)\.", k))}
+        depth = getattr(config, f"{stack}_depth")
+        if found != set(range(depth)):
+            raise CheckpointError(
+                f"{source}: field 'config': {stack}_depth is {depth} but the weights hold "
+                f"{len(found)} {stack} blocks; the checkpoint is inconsistent."
+            )
+    with torch.device("meta"):
+        model = CaptionerModel(config)
+    tied = _tied_names(model)
+    expected = {k: v for k, v in model.state_dict().items() if k not in tied}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected) - tied)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{source}: its weights do not fit the architecture it records (missing: "
+            f"{missing[:5]}, unexpected: {unexpected[:5]}); {_HELP}."
+        )
+    for name, tensor in state.items():
+        want = expected.get(name, model.get_parameter(name) if name in tied else None)
+        if want is not None and tensor.shape != want.shape:
+            raise CheckpointError(
+                f"{source}: weight {name} has shape {list(tensor.shape)} but the architecture "
+                f"it records needs {list(want.shape)} (field 'config' and the weights disagree)."
+            )
+        if not tensor.is_floating_point():
+            raise CheckpointError(
+                f"{source}: weight {name} holds {tensor.dtype} values; weights are floats."
+            )
+        if not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(
+                f"{source}: weight {name} holds NaN or infinite values: the model diverged or "
+                "the file is damaged; use an earlier checkpoint."
+            )
+    stored = sum(t.numel() for t in state.values())
+    derived = sum(b.numel() for k, b in model.named_buffers() if k not in expected)
+    if derived > max(stored, 1 << 20):
+        raise CheckpointError(
+            f"{source}: field 'config': image_size {list(config.image_size)} with patch_size "
+            f"{config.patch_size} would allocate {derived:,} values beside {stored:,} stored."
+        )
+
+
+def _first_line(err: BaseException) -> str:
+    line = next((line for line in str(err).splitlines() if line.strip()), "")
+    return f"{type(err).__name__}: {line}" if line else type(err).__name__
+
+
+def _what_is(path: Path) -> str | None:
+    """What a file that cannot be a checkpoint is; None for a zip archive or a pickle (what
+    `torch.save` writes) and for safetensors."""
+    with path.open("rb") as file:
+        head = file.read(64)
+    if not head:
+        return "an empty file"
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80" or _is_safetensors(head):
+        return None
+    for signature, name in _SIGNATURES:
+        if head.startswith(signature):
+            return name
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as err:  # a character cut at the end of `head` is still text
+        text = head[: err.start].decode("utf-8") if err.start >= len(head) - 3 else "\0"
+    if any(ord(c) < 32 and c not in "\t\n\r" for c in text):
+        return "a binary file of an unknown kind"
+    return "JSON text" if text.lstrip()[:1] in ("{", "[") else "a text file"
+
+
+def _is_safetensors(head: bytes) -> bool:
+    """safetensors: an 8-byte little-endian header length, then the JSON header."""
+    return len(head) > 9 and head[8:10] in (b'{"', b"{ ")
+
+
+def read_torch_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A `.ckpt` as `torch.load(weights_only=True)` reads it: tensors and plain values only.
+
+    Anything that is not such a checkpoint is a `CheckpointError` saying what the file is;
+    a pickle that would import code is an `UnsafeCheckpointError` naming what it imports.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file.")
+    if (kind := _what_is(path)) is not None:
+        raise CheckpointError(f"{path}: not a checkpoint: it is {kind}; {_HELP}.")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        names = sorted(set(re.findall(r"GLOBAL ([\w.]+)", str(err)))) or ["unknown objects"]
+        names = sorted(set(re.findall(r"GLOBAL ([\w.]+)", str(err))))
+        if not names:
+            raise CheckpointError(
+                f"{path}: not a readable PyTorch checkpoint ({_first_line(err)})."
+            ) from None
         raise UnsafeCheckpointError(
             f"{path}: refused: loading it would import {', '.join(names)}, and unpickling such "
             "objects can run any code. Checkpoints from scripts/train.py hold only tensors and "
-            "plain values. Only if you trust where the file came from: load it with "
-            "torch.load(path, weights_only=False) and torch.save its 'state_dict' and "
-            "'captioner' entries alone."
+            "plain values. Only if you trust where the file came from: python scripts/export.py "
+            f"--ckpt {path} --out DIR --trust-pickle rewrites it as a pickle-free export folder."
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
+    except Exception as err:  # a damaged file fails anywhere inside the unpickler
         raise CheckpointError(
-            f"{path}: not a readable PyTorch checkpoint ({str(err).splitlines()[0]}); is the "
-            "file complete?"
+            f"{path}: not a readable PyTorch checkpoint ({_first_line(err)}); is the file complete?"
         ) from None
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path}: not a checkpoint (it holds a {type(ckpt).__name__}).")
+    return ckpt
+
+
+def _from_lightning(ckpt: dict[str, Any], path: Path) -> CheckpointContents:
+    state = ckpt.get("state_dict")
+    if not isinstance(state, dict):
         raise CheckpointError(f"{path}: not a Lightning checkpoint (no state_dict); {_HELP}.")
-    state = {
+    weights = {
         name.removeprefix("net."): tensor
-        for name, tensor in ckpt["state_dict"].items()
-        if name.startswith("net.")
+        for name, tensor in state.items()
+        if isinstance(name, str) and name.startswith("net.")
     }
-    return _contents(ckpt.get("captioner"), state, path)
+    return _contents(ckpt.get("captioner"), weights, path, "lightning")
 
 
 def _load_export(weights: Path) -> CheckpointContents:
@@ -131,14 +296,20 @@ def _load_export(weights: Path) -> CheckpointContents:
                 f"{needed}: missing; an export folder holds {WEIGHTS_NAME} and {CONFIG_NAME}."
             )
     try:
-        meta = json.loads(config.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{config}: not valid JSON ({err}).") from None
+        meta = json.loads(config.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as err:  # invalid JSON or UTF-8, huge numbers, depth
+        raise CheckpointError(f"{config}: not valid JSON ({_first_line(err)}).") from None
+    version = meta.get("format_version") if isinstance(meta, dict) else None
+    if isinstance(version, int) and version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{config}: format_version {version} was written by a newer captioner (this one "
+            f"reads {FORMAT_VERSION}): upgrade captioner."
+        )
     try:
         state = load_file(weights, device="cpu")
-    except (SafetensorError, OSError) as err:
+    except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{weights}: not a readable safetensors file ({err}).") from None
-    return _contents(meta, state, weights)
+    return _contents(meta, state, weights, "export")
 
 
 def load_checkpoint(path: str | Path) -> CheckpointContents:
@@ -148,33 +319,70 @@ def load_checkpoint(path: str | Path) -> CheckpointContents:
         raise CheckpointError(f"{path}: no such checkpoint file or export folder.")
     if path.is_dir():
         return _load_export(path / WEIGHTS_NAME)
-    if path.suffix == ".safetensors":
+    if path.suffix == ".safetensors" or (path.is_file() and _is_safetensors(_head(path))):
         return _load_export(path)
-    return _load_lightning(path)
+    return _from_lightning(read_torch_checkpoint(path), path)
+
+
+def load_trusted_pickle(path: str | Path) -> CheckpointContents:
+    """The one place that unpickles arbitrary objects (a load not limited to weights): for a `.ckpt`
+    that a safe load refuses and that the user trusts, e.g. one of their own written by other
+    code. Unpickling it can run any code it holds. What it yields is checked as any
+    checkpoint is, so that `export` can rewrite it in the pickle-free format."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file.")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise CheckpointError(f"{path}: not a readable checkpoint ({_first_line(err)}).") from None
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path}: not a checkpoint (it holds a {type(ckpt).__name__}).")
+    return _from_lightning(ckpt, path)
+
+
+def _head(path: Path) -> bytes:
+    with path.open("rb") as file:
+        return file.read(16)
 
 
 def export(contents: CheckpointContents, out_dir: str | Path) -> tuple[Path, Path]:
     """Write `model.safetensors` and `captioner.json` into `out_dir`; returns their paths."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model = contents.build_model()  # checks that the weights fit before anything is written
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out {out_dir}: exists and is not a folder; name a folder.")
+    model = contents.build_model()
     tied = _tied_names(model)
     state = {k: v.contiguous() for k, v in model.state_dict().items() if k not in tied}
+    out_dir.mkdir(parents=True, exist_ok=True)
     weights, config = out_dir / WEIGHTS_NAME, out_dir / CONFIG_NAME
     save_file(state, weights, metadata={"format": "pt"})
     config.write_text(json.dumps(contents.metadata(), indent=2) + "\n")
     return weights, config
 
 
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint writer, made crash-safe: a checkpoint is written to a temporary
-    file beside its destination, flushed to disk, then renamed over it in one step.
+class SafeCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint reader and writer, made safe.
 
-    A run killed mid-write (pre-emption, out of memory) leaves the previous `last.ckpt` whole,
-    never a truncated file in its place. Lightning's own writer goes through the system's
-    temporary folder, whose final move is a copy, not an atomic rename, when that folder is on
-    another file system.
+    Reading (resuming, testing the best checkpoint) always goes through
+    `read_torch_checkpoint`, whatever `weights_only` Lightning passes, and refuses a
+    checkpoint whose callback state names files outside its own folder (Lightning deletes
+    such recorded files when it replaces them).
+
+    Writing is crash-safe: a checkpoint is written to a temporary file beside its destination,
+    flushed to disk, then renamed over it in one step. A run killed mid-write (pre-emption, out
+    of memory) leaves the previous `last.ckpt` whole, never a truncated file in its place, and
+    a temporary file that `remove_stale_temporaries` clears at the next start. Lightning's own
+    writer goes through the system's temporary folder, whose final move is a copy, not an
+    atomic rename, when that folder is on another file system.
     """
+
+    def load_checkpoint(
+        self, path: Any, map_location: Any | None = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        checkpoint = read_torch_checkpoint(path)
+        _check_callback_paths(checkpoint, Path(path))
+        return checkpoint
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
@@ -184,7 +392,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, temporary = tempfile.mkstemp(
-            dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
+            dir=path.parent, prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX
         )
         try:
             with os.fdopen(handle, "wb") as file:
@@ -203,3 +411,37 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.fsync(directory)  # the rename itself survives a power cut
         finally:
             os.close(directory)
+
+
+def _check_callback_paths(checkpoint: dict[str, Any], source: Path) -> None:
+    """Lightning's ModelCheckpoint restores the paths its state records and later deletes
+    them, through fsspec when they name another file system: each must be a local path inside
+    the recorded folder."""
+    for name, state in (checkpoint.get("callbacks") or {}).items():
+        if not isinstance(state, dict) or "dirpath" not in state:
+            continue
+        folder = state["dirpath"]
+        paths = [state.get(key) for key in _PATH_KEYS] + list(state.get("best_k_models") or {})
+        for recorded in paths:
+            if recorded in (None, ""):
+                continue
+            inside = (
+                isinstance(folder, str)
+                and isinstance(recorded, str)
+                and "://" not in recorded
+                and Path(folder) in Path(os.path.normpath(recorded)).parents
+            )
+            if not inside:
+                raise CheckpointError(
+                    f"{source}: the state of callback {str(name)!r:.80} names {recorded!r:.80}, "
+                    "outside its checkpoint folder; the file was not written by training as is."
+                )
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete what a writer killed mid-write left in `folder` (`.<name>.ckpt.*.tmp`);
+    returns what was removed. Call before anything writes checkpoints there."""
+    stale = sorted(folder.glob(f".*.ckpt.*{TEMPORARY_SUFFIX}")) if folder.is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale

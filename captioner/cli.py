@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
+import math
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -29,7 +31,27 @@ def user_errors() -> Iterator[None]:
         sys.exit(2)
     except TrainingError as err:
         print(f"training error: {err}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(getattr(err, "exit_status", 2))
+
+
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer no less than `minimum`."""
+
+    def integer(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return integer
+
+
+def finite(text: str) -> float:
+    """An argparse type: a finite number."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
 
 
 def print_metrics(metrics: dict[str, float], path: Path) -> None:

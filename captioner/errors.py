@@ -32,3 +32,10 @@ class DataError(ValueError):
 class TrainingError(RuntimeError):
     """Training that cannot go on (a non-finite loss or gradient); the message names the step,
     the batch and what to do."""
+
+
+class Preempted(TrainingError):
+    """Training stopped by SIGTERM, what a scheduler sends before pre-empting a job; the
+    message says what was saved and how to resume."""
+
+    exit_status = 143  # 128 + SIGTERM: what a shell reports for a process it terminated

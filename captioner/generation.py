@@ -9,6 +9,7 @@ reference that the cached path is tested against.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -48,15 +49,24 @@ class DecodingOptions:
                 f"between 1 and {longest} (the model was trained with model.max_len="
                 f"{config.max_len} tokens, <bos> and <eos> included)",
             ),
-            (0 <= self.min_length <= max_length, "min_length", f"between 0 and {max_length}"),
-            (self.temperature > 0, "temperature", "> 0 (use do_sample=false for greedy)"),
+            (
+                isinstance(self.min_length, int) and 0 <= self.min_length <= max_length,
+                "min_length",
+                f"between 0 and {max_length}",
+            ),
+            (
+                _finite(self.temperature) and self.temperature > 0,
+                "temperature",
+                "a finite number > 0 (use do_sample=false for greedy)",
+            ),
+            (_finite(self.length_penalty), "length_penalty", "a finite number"),
             (
                 self.early_stopping in (True, False, "never"),
                 "early_stopping",
                 "true, false or never",
             ),
-            (self.top_k >= 0, "top_k", ">= 0"),
-            (0 < self.top_p <= 1, "top_p", "in (0, 1]"),
+            (isinstance(self.top_k, int) and self.top_k >= 0, "top_k", ">= 0"),
+            (_finite(self.top_p) and 0 < self.top_p <= 1, "top_p", "in (0, 1]"),
             (
                 not (self.do_sample and self.beam_size > 1),
                 "do_sample",
@@ -72,6 +82,10 @@ class DecodingOptions:
             if not ok:
                 raise ConfigError(f"decoding.{key} must be {rule}, got {getattr(self, key)!r}.")
         return max_length
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass

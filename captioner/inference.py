@@ -62,7 +62,7 @@ class Captioner:
         preprocess: ImagePreprocess,
         device: str | torch.device = "cpu",
     ) -> None:
-        self.device = torch.device(device)
+        self.device = usable_device(device)
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
         self.preprocess = preprocess
@@ -89,10 +89,15 @@ class Captioner:
     def images_to_batch(self, images: Sequence[ImageInput]) -> torch.Tensor:
         """Load and preprocess images into one normalised batch (B, C, H, W) on the device."""
         pixels = [
-            self.preprocess(load_image(image) if isinstance(image, str | Path) else image)
+            self.preprocess(self.load(image) if isinstance(image, str | Path) else image)
             for image in images
         ]
         return torch.stack(pixels).to(self.device)
+
+    def load(self, path: str | Path) -> Image.Image:
+        """An image file, shrunk while decoded to no less than twice the model's input, as
+        training and evaluation read it."""
+        return load_image(path, at_least=self.preprocess.image_size)
 
     def caption(
         self,
@@ -169,7 +174,7 @@ class Captioner:
 
         for path in paths:
             try:
-                pending.append((path, load_image(path)))
+                pending.append((path, self.load(path)))
             except ImageLoadError as err:
                 yield path, err, None
             if len(pending) == batch_size:
@@ -210,15 +215,41 @@ def _as_list(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
 
 
 def find_images(inputs: Iterable[str | Path]) -> list[Path]:
-    """Files named, and every non-hidden file under folders named, in sorted order; whether a
-    file is an image is decided by reading it, not by its extension."""
+    """Files named, and every non-hidden entry under folders named but the folders
+    themselves, in sorted order. Whether an entry is an image is decided by reading it, not by
+    its name, so a broken link, a pipe or a link to a folder (not followed) is named as
+    such when it is read instead of being left out without a word."""
     found: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            found += sorted(p for p in item.rglob("*") if p.is_file() and not _hidden(p, item))
+            entries = item.rglob("*")
+            found += sorted(p for p in entries if not _hidden(p, item) and not _folder(p))
         else:
             found.append(item)  # a missing file is reported when it is read
     return found
+
+
+def _folder(path: Path) -> bool:
+    """A folder the walk goes into: a real one, not a link to one."""
+    return path.is_dir() and not path.is_symlink()
+
+
+def usable_device(device: str | torch.device) -> torch.device:
+    """`device` as a torch device that exists on this machine, or a `ConfigError` naming it."""
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(
+            f"device {device!r:.40} is not a device name; expected cpu, cuda, cuda:N or mps."
+        ) from None
+    backends = {"cuda": torch.cuda, "mps": torch.backends.mps}
+    if resolved.type in backends and not backends[resolved.type].is_available():
+        raise ConfigError(f"device {device}: this machine has no {resolved.type}; use cpu.")
+    if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(
+            f"device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)."
+        )
+    return resolved
 
 
 def _hidden(path: Path, root: Path) -> bool:

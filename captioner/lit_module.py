@@ -16,7 +16,7 @@ from lightning import LightningModule
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
-from captioner.errors import ConfigError, TrainingError
+from captioner.errors import ConfigError, DataError, TrainingError
 from captioner.generation import DecodingOptions, Generated, generate
 from captioner.inference import to_captions
 from captioner.metrics import GroundingMeter, box_coverage, caption_scores, grounding_loss
@@ -64,6 +64,7 @@ class EvalRow(NamedTuple):
     """One scored image: what each process keeps, and rank 0 gathers, to score a split."""
 
     image_id: Any
+    source: str  # the file or shard entry it was read from
     caption: str  # generated
     references: list[str]
     loss: float  # summed cross-entropy of its target tokens (reference 0, teacher-forced)
@@ -133,6 +134,7 @@ class CaptionerLitModule(LightningModule):
         self.attention_supervision = attention_supervision
         self.nonfinite = nonfinite
         self._batch_ids: list[Any] = []  # the training batch being stepped, for error messages
+        self._epoch_samples = 0  # usable training samples this epoch (this process)
         self.run_seed = torch.initial_seed()  # as `seed_everything` left it
         # torch.compile covers the training loss only: decoding's cache grows by one position
         # per step, which would recompile at every step, so evaluation stays eager
@@ -200,7 +202,25 @@ class CaptionerLitModule(LightningModule):
         epoch, rank = self.current_epoch, self.global_rank
         torch.manual_seed(mix_seed(self.run_seed, rank, epoch, batch_idx))
 
+    def on_train_epoch_start(self) -> None:
+        self._epoch_samples = 0
+
+    def on_train_batch_end(self, outputs: Any, batch: dict[str, Any], batch_idx: int) -> None:
+        """After the epoch's last batch, before validation and checkpoints: stop if there was
+        nothing to train on (every sample bad and skipped), instead of saving an untrained
+        model as if training had happened."""
+        if not self.trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            return
+        count = torch.tensor(self._epoch_samples, device=self.device)
+        if int(self.trainer.strategy.reduce(count, reduce_op="sum")) == 0:
+            raise DataError(
+                f"every training sample of epoch {self.current_epoch} was unusable and skipped "
+                "(each is logged above): fix or replace them, or point the data config at "
+                "usable images."
+            )
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        self._epoch_samples += len(batch["image_ids"])
         if not batch["image_ids"]:  # every sample in it was bad and skipped
             if self.trainer.world_size == 1:
                 return None  # no step
@@ -260,6 +280,7 @@ class CaptionerLitModule(LightningModule):
         )  # fmt: skip
 
     def _eval_step(self, batch: dict[str, Any]) -> None:
+        outputs = self._outputs[batch["split"]]  # a split whose every image is bad shows up
         if not batch["image_ids"]:  # every sample in it was bad and skipped
             return
         losses, counts = self.caption_losses(batch)
@@ -268,6 +289,7 @@ class CaptionerLitModule(LightningModule):
         size = len(batch["image_ids"])
         rows = zip(
             batch["image_ids"],
+            batch["sources"],
             [self.tokenizer.decode(row.tolist()) for row in out.tokens],
             batch["references"],
             losses.tolist(),
@@ -276,7 +298,7 @@ class CaptionerLitModule(LightningModule):
             self._grounding_meters(out, list(scenes)) if scenes is not None else [None] * size,
             strict=True,
         )
-        self._outputs[batch["split"]].extend(EvalRow(*row) for row in rows)
+        outputs.extend(EvalRow(*row) for row in rows)
 
     def _grounding_meters(self, out: Generated, scenes: list[Any]) -> list[GroundingMeter]:
         """Each generated caption's word -> object looks, in a meter of its own, so that an image
@@ -321,16 +343,40 @@ class CaptionerLitModule(LightningModule):
         return metrics
 
     def _eval_epoch_end(self) -> None:
-        splits = gather_rows(dict(self._outputs))
+        parts = gather_rows(dict(self._outputs))
         self._outputs.clear()
-        metrics: dict[str, float] = {}
-        for split, rows in (splits or {}).items():  # rank 0 only
-            metrics.update({f"{split}/{k}": v for k, v in self._score(split, rows).items()})
-            self.predictions[split] = {row.image_id: row.caption for row in rows}
-        for name, value in broadcast_metrics(metrics).items():
+        outcome: dict[str, Any] = {}
+        if parts is not None:  # rank 0: score, or say why not, for every rank to act on
+            try:
+                outcome["metrics"] = self._score_splits(merge_rows(parts))
+            except DataError as err:
+                outcome["error"] = str(err)
+        outcome = broadcast_object(outcome)
+        if "error" in outcome:
+            raise DataError(outcome["error"])
+        for name, value in outcome["metrics"].items():
             split, key = name.split("/", 1)
             shown = key in ("CIDEr", "scene_acc") or (key == "loss" and split == "val")
             self.log(name, value, add_dataloader_idx=False, prog_bar=shown)
+
+    def _score_splits(self, splits: dict[str, list[EvalRow]]) -> dict[str, float]:
+        """Every split's metrics, prefixed with its name; keeps its captions in `predictions`.
+
+        A split whose every image was bad (and skipped) stops the run: there would be no
+        metric to report, and a checkpoint monitoring it would fail an epoch later.
+        """
+        metrics: dict[str, float] = {}
+        for split, rows in splits.items():
+            if not rows:
+                if self.trainer.sanity_checking:  # a few batches only: the split may be fine
+                    continue
+                raise DataError(
+                    f"every image of the {split} split was unusable and skipped (each is logged "
+                    "above): fix or replace them, or point the data config at usable images."
+                )
+            metrics.update({f"{split}/{k}": v for k, v in self._score(split, rows).items()})
+            self.predictions[split] = {row.image_id: row.caption for row in rows}
+        return metrics
 
     def on_validation_epoch_end(self) -> None:
         self._eval_epoch_end()
@@ -386,32 +432,41 @@ def _rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-def gather_rows(outputs: dict[str, list[EvalRow]]) -> dict[str, list[EvalRow]] | None:
-    """Every process's rows, per split, on rank 0 (None on the others), each image once.
-
-    Duplicates are dropped by image id: a sampler that pads the last batch by repeating
-    images (Lightning's default under DDP) must not count them twice.
-    """
+def gather_rows(outputs: dict[str, list[EvalRow]]) -> list[dict[str, list[EvalRow]]] | None:
+    """Every process's rows, per split, on rank 0 (None on the others)."""
     rank, world_size = _rank_and_world()
-    parts: list[Any] = [outputs]
-    if world_size > 1:
-        parts = [None] * world_size
-        dist.gather_object(outputs, parts if rank == 0 else None, dst=0)
-        if rank != 0:
-            return None
+    if world_size == 1:
+        return [outputs]
+    parts: list[Any] = [None] * world_size
+    dist.gather_object(outputs, parts if rank == 0 else None, dst=0)
+    return parts if rank == 0 else None
+
+
+def merge_rows(parts: list[dict[str, list[EvalRow]]]) -> dict[str, list[EvalRow]]:
+    """The processes' rows per split, each image once.
+
+    A row seen twice from the same source is dropped: a sampler that pads the last batch by
+    repeating images (Lightning's under FSDP) must not count it twice. Two sources under
+    one image id are a `DataError`: keeping one would silently leave the other unscored.
+    """
     merged: dict[str, dict[Any, EvalRow]] = {}
     for part in parts:
         for split, rows in part.items():
             unique = merged.setdefault(split, {})
             for row in rows:
-                unique.setdefault(row.image_id, row)
+                first = unique.setdefault(row.image_id, row)
+                if first.source != row.source:
+                    raise DataError(
+                        f"image id {row.image_id!r} names two images of the {split} split, "
+                        f"{first.source} and {row.source}: give every image its own id."
+                    )
     return {split: list(rows.values()) for split, rows in merged.items()}
 
 
-def broadcast_metrics(metrics: dict[str, float]) -> dict[str, float]:
-    """Rank 0's metrics on every rank."""
+def broadcast_object(value: Any) -> Any:
+    """Rank 0's `value` on every rank."""
     if _rank_and_world()[1] == 1:
-        return metrics
-    box = [metrics]
+        return value
+    box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]

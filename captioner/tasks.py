@@ -6,7 +6,8 @@ import json
 import logging
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,16 +19,20 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import MissingMandatoryValue
 from torch.utils.data import DataLoader
 
-from captioner.checkpoint import CheckpointContents, load_checkpoint
+from captioner.checkpoint import CheckpointContents, load_checkpoint, remove_stale_temporaries
 from captioner.data import ImagePreprocess, Tokenizer, split_words
 from captioner.data.policy import BAD, BadSample
-from captioner.errors import ConfigError, DataError
+from captioner.data.stored import record_data_config
+from captioner.errors import ConfigError, DataError, Preempted
 from captioner.lit_module import CaptionerLitModule
+from captioner.models import CaptionerConfig
 
 log = logging.getLogger(__name__)
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -97,22 +102,27 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     `${paths.output_dir}/metrics.json`. Under DDP every process runs this and returns the
     same metrics; rank 0 alone writes the files.
     """
+    callbacks = _instantiate_group(cfg.get("callbacks"))
+    folders = _checkpoint_folders(callbacks)
+    ckpt_path = _resume_from(cfg.get("ckpt_path"), folders)  # checked before anything runs
+    resumed = None if ckpt_path is None else _resumable(ckpt_path)
+    if cfg.get("train", True):
+        _check_run_folders(folders, ckpt_path)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     datamodule = _instantiate(cfg.data)
     trainer: L.Trainer = _instantiate(
-        cfg.trainer,
-        callbacks=_instantiate_group(cfg.get("callbacks")),
-        logger=_instantiate_group(cfg.get("logger")) or False,
+        cfg.trainer, callbacks=callbacks, logger=_instantiate_group(cfg.get("logger")) or False
     )
     _check_processes_can_start(trainer)
-    ckpt_path = _resume_from(cfg.get("ckpt_path"), trainer)
-    if ckpt_path is not None:  # the vocabulary it was trained with, never one rebuilt
-        datamodule.tokenizer = Tokenizer.from_dict(load_checkpoint(ckpt_path).tokenizer)
+    if resumed is not None:  # the vocabulary it was trained with, never one rebuilt
+        datamodule.tokenizer = Tokenizer.from_dict(resumed.tokenizer)
     model = _instantiate(
         cfg.model, tokenizer=datamodule.tokenizer, preprocess=datamodule.preprocess.to_dict()
     )
-    model.data_config = OmegaConf.to_container(cfg.data, resolve=True)
+    if resumed is not None:
+        _check_same_architecture(resumed, model.config)
+    model.data_config = record_data_config(OmegaConf.to_container(cfg.data, resolve=True))
     num_params = model.net.num_parameters()
     for logger in trainer.loggers:  # Lightning's loggers write on rank 0 only
         logger.log_hyperparams(
@@ -123,8 +133,13 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
     fit_seconds = 0.0
     if cfg.get("train", True):
+        if trainer.is_global_zero:
+            for folder in folders:
+                for stale in remove_stale_temporaries(folder):
+                    log.warning("removed %s, left by a checkpoint write that was killed", stale)
         start = time.perf_counter()
-        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        with _sigterm_reported("before the first training step; nothing was saved"):
+            trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         fit_seconds = time.perf_counter() - start
 
     metrics: dict[str, float] = {}
@@ -137,7 +152,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             ckpt = callback.best_model_path if callback else ""
             if not ckpt:
                 log.warning("no best checkpoint (fast_dev_run or no validation): testing as is")
-        trainer.test(model, datamodule=datamodule, ckpt_path=ckpt or None, verbose=False)
+        with _sigterm_reported("while testing; training had finished"):
+            trainer.test(
+                model, datamodule=datamodule, ckpt_path=ckpt or None, verbose=False,
+                weights_only=True,
+            )  # fmt: skip
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test")}
     metrics["train/seconds"] = round(fit_seconds, 1)
     metrics.update(_data_metrics(datamodule, trainer))
@@ -150,9 +169,15 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     return metrics, objects
 
 
-def _resume_from(ckpt_path: str | None, trainer: L.Trainer) -> Path | None:
-    """The checkpoint `ckpt_path` names, checked before anything runs: `last` is the newest
-    `last.ckpt` in this run's checkpoint folder, so a run resumes in its own folder."""
+def _checkpoint_folders(callbacks: list[Any]) -> list[Path]:
+    """Where this run's checkpoint callbacks write."""
+    dirpaths = {c.dirpath for c in callbacks if isinstance(c, ModelCheckpoint) and c.dirpath}
+    return sorted(map(Path, dirpaths))
+
+
+def _resume_from(ckpt_path: str | None, folders: list[Path]) -> Path | None:
+    """The checkpoint `ckpt_path` names: `last` is the newest `last.ckpt` in this run's
+    checkpoint folders, so a run resumes in its own folder."""
     if not ckpt_path:
         return None
     if str(ckpt_path) != "last":
@@ -163,15 +188,63 @@ def _resume_from(ckpt_path: str | None, trainer: L.Trainer) -> Path | None:
                 "or ckpt_path=last to resume the run in hydra.run.dir."
             )
         return path
-    folders = {Path(c.dirpath) for c in trainer.checkpoint_callbacks if getattr(c, "dirpath", None)}
     found = [folder / "last.ckpt" for folder in folders if (folder / "last.ckpt").is_file()]
     if not found:
-        where = ", ".join(sorted(map(str, folders))) or "no checkpoint folder"
+        where = ", ".join(map(str, folders)) or "no checkpoint folder"
         raise ConfigError(
             f"ckpt_path=last: there is no last.ckpt in {where}. To resume a run, run in its "
             "folder: hydra.run.dir=<the run's folder> ckpt_path=last (or ckpt_path=<file>)."
         )
     return max(found, key=lambda path: path.stat().st_mtime)
+
+
+def _resumable(path: Path) -> CheckpointContents:
+    """The checkpoint at `path`, checked to be one training can go on from."""
+    contents = load_checkpoint(path)
+    if contents.kind != "lightning":
+        raise ConfigError(
+            f"ckpt_path={path}: an export holds the weights only, not the optimizer, schedule "
+            "and data position that train.py needs; give a .ckpt of scripts/train.py "
+            "(<run>/checkpoints/last.ckpt), or score the export with scripts/eval.py."
+        )
+    return contents
+
+
+def _check_same_architecture(contents: CheckpointContents, config: CaptionerConfig) -> None:
+    """Resuming needs the model the checkpoint was trained as (dropout may change): name
+    every key that differs."""
+    theirs, ours = contents.config.to_dict(), config.to_dict()
+    changed = [key for key in ours if ours[key] != theirs[key] and key != "dropout"]
+    if changed:
+        names = {key: "data.image_size" if key == "image_size" else f"model.{key}" for key in ours}
+        differences = ", ".join(f"{names[k]}={theirs[k]} (this run: {ours[k]})" for k in changed)
+        raise ConfigError(
+            f"ckpt_path={contents.source} was trained with {differences}: resume with the "
+            "settings it was trained with, or start a new run."
+        )
+
+
+def _check_run_folders(folders: list[Path], ckpt_path: Path | None) -> None:
+    """Refuse to train over another run's checkpoints: a folder that holds a `last.ckpt` goes
+    on only from a checkpoint of its own (`ckpt_path=last`); a new run there would replace it.
+    """
+    for folder in folders:
+        own = ckpt_path is not None and ckpt_path.resolve().parent == folder.resolve()
+        if (folder / "last.ckpt").is_file() and not own:
+            raise ConfigError(
+                f"{folder} already holds the checkpoints of a run (last.ckpt): resume it with "
+                "ckpt_path=last, or train in a fresh folder (hydra.run.dir=... or the default, "
+                "a new folder per run)."
+            )
+
+
+@contextmanager
+def _sigterm_reported(when: str) -> Iterator[None]:
+    """Lightning ends a SIGTERMed process with status 0: report it as `Preempted` instead."""
+    try:
+        yield
+    except SIGTERMException:
+        raise Preempted(f"stopped by SIGTERM {when}.") from None
 
 
 def _data_metrics(datamodule: Any, trainer: L.Trainer) -> dict[str, float]:
@@ -201,20 +274,16 @@ def _write_json(cfg: DictConfig, name: str, value: Any, trainer: L.Trainer | Non
     return path
 
 
-def _eval_data_config(cfg: DictConfig, contents: CheckpointContents) -> DictConfig:
-    """`data=...` when given, else the data the checkpoint was trained on; image size and
-    caption length always follow the model."""
-    node = cfg.get("data")
-    if node is None:
-        if contents.data is None:
-            raise ConfigError(
-                f"{contents.source} does not record its data config: name one, e.g. data=shapes."
-            )
-        node = OmegaConf.create(contents.data)
-    node = OmegaConf.create(OmegaConf.to_container(node))  # detached from the eval config
-    node.image_size = list(contents.config.image_size)
-    node.max_len = contents.config.max_len
-    return node
+def _eval_datamodule(cfg: DictConfig, contents: CheckpointContents) -> Any:
+    """`data=...` from the command line when given, else the data the checkpoint was trained
+    on, rebuilt from its record, never instantiated from it; image size and caption length
+    always follow the model."""
+    model = {"image_size": list(contents.config.image_size), "max_len": contents.config.max_len}
+    if cfg.get("data") is None:
+        return contents.datamodule(**model)
+    node = OmegaConf.create(OmegaConf.to_container(cfg.data))  # detached from the eval config
+    node.merge_with(model)
+    return _instantiate(node)
 
 
 def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
@@ -231,7 +300,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             "scripts/train.py or a folder from scripts/export.py)."
         ) from None
     contents = load_checkpoint(ckpt_path)
-    datamodule = _instantiate(_eval_data_config(cfg, contents))
+    datamodule = _eval_datamodule(cfg, contents)
     tokenizer = Tokenizer.from_dict(contents.tokenizer)
     datamodule.tokenizer = tokenizer  # the vocabulary the model was trained with
     datamodule.preprocess = ImagePreprocess.from_dict(contents.preprocess)
@@ -253,7 +322,8 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     trainer: L.Trainer = _instantiate(
         cfg.trainer, callbacks=_instantiate_group(cfg.get("callbacks")), logger=False
     )
-    trainer.test(model, datamodule=datamodule, verbose=False)
+    with _sigterm_reported("while evaluating"):
+        trainer.test(model, datamodule=datamodule, verbose=False)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test")}
     metrics.update(_data_metrics(datamodule, trainer))
     prediction_paths = {}
@@ -284,9 +354,15 @@ def validate_data(cfg: DictConfig) -> tuple[dict[str, Any], Path]:
             dataset, batch_size=64, num_workers=datamodule.num_workers, collate_fn=list
         )
         counts = splits.setdefault(split, {"samples": 0, "bad": 0, "long_captions": 0})
+        ids: dict[Any, str] = {}  # image id -> where it was first seen
         for samples in loader:
             for sample in samples:
                 counts["samples"] += 1
+                if BAD not in sample:
+                    first = ids.setdefault(sample["image_id"], sample["source"])
+                    if first != sample["source"]:
+                        reason = f"image id {sample['image_id']!r} is also the id of {first}"
+                        sample[BAD] = BadSample(sample["source"], reason)
                 if BAD in sample:
                     counts["bad"] += 1
                     bad.append(sample[BAD])

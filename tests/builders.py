@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import os
+import signal
 import sys
 import tarfile
 import time
@@ -33,6 +34,11 @@ TINY_IMAGE_MODEL = (
     "model=tiny", "model.patch_size=8", "model.encoder_dim=32", "model.encoder_depth=1",
     "model.encoder_heads=2", "model.decoder_dim=32", "model.decoder_depth=1",
     "model.decoder_heads=2", "data.image_size=32", "data.min_freq=1",
+)  # fmt: skip
+# overrides that keep a training run quiet: no progress bar, figures, learning-rate log or logger
+QUIET = (
+    "callbacks.attention_samples=null", "callbacks.rich_progress_bar=null",
+    "callbacks.lr_monitor=null", "~logger",
 )  # fmt: skip
 
 
@@ -242,10 +248,18 @@ class DistributedProbe(Callback):
 class StepProbe(Callback):
     """Appends the run (a probe's own id), global step and image ids of every training batch to
     `steps.txt` in the run folder (a JSON object a line); at `pause_at_step` stops there for
-    good (writing `paused`), for a test to kill it; at `fail_at_step` raises `Interrupted`."""
+    good (writing `paused`), for a test to kill it; at `fail_at_step` raises `Interrupted`; at
+    `sigterm_at_step` sends its own process SIGTERM, as a scheduler about to pre-empt it would.
+    """
 
-    def __init__(self, pause_at_step: int | None = None, fail_at_step: int | None = None) -> None:
+    def __init__(
+        self,
+        pause_at_step: int | None = None,
+        fail_at_step: int | None = None,
+        sigterm_at_step: int | None = None,
+    ) -> None:
         self.pause_at_step, self.fail_at_step = pause_at_step, fail_at_step
+        self.sigterm_at_step = sigterm_at_step
         self.run = uuid.uuid4().hex
 
     def on_train_batch_start(
@@ -261,6 +275,8 @@ class StepProbe(Callback):
         if trainer.global_step == self.pause_at_step:
             (folder / "paused").write_text("")
             time.sleep(3600)
+        if trainer.global_step == self.sigterm_at_step:
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 class Interrupted(Exception):

@@ -21,8 +21,8 @@ from hydra.utils import get_class, instantiate
 from lightning.pytorch.utilities import rank_zero_only
 
 from captioner.data import ShapesDataModule, WebDataModule
-from captioner.errors import ConfigError
-from captioner.lit_module import EvalRow, gather_rows
+from captioner.errors import ConfigError, DataError
+from captioner.lit_module import EvalRow, gather_rows, merge_rows
 from captioner.metrics import GroundingMeter
 from captioner.models import CaptionerModel
 from captioner.models.blocks import DecoderBlock, EncoderBlock
@@ -152,22 +152,27 @@ def test_eval_shards_are_shared_out_by_sample_when_fewer_than_processes(
 
 def test_gathered_rows_count_each_image_once() -> None:
     """What a padding sampler does to the last batch: the repeated image and its grounding
-    are counted once."""
+    are counted once. Two images under one id are refused, not merged."""
     attention = torch.zeros(1, 1, 2, 2, 2)  # (L, H, T, grid 2 x 2)
     attention[..., 0, 0] = 1.0  # every word looks at the top-left patch
 
-    def row(image_id: int, box: tuple[int, ...]) -> EvalRow:
+    def row(image_id: int, box: tuple[int, ...], source: str = "") -> EvalRow:
         meter = GroundingMeter(patch_size=8)
         meter.update(attention, [0, -1], [box])
-        return EvalRow(image_id, "a caption", ["a reference"], 1.0, 3, None, meter)
+        source = source or f"{image_id}.png"
+        return EvalRow(image_id, source, "a caption", ["a reference"], 1.0, 3, None, meter)
 
     hit, miss = (0, 0, 8, 8), (8, 8, 16, 16)
-    rows = gather_rows({"val": [row(0, hit), row(1, miss), row(0, hit)]})
-    assert rows is not None and [r.image_id for r in rows["val"]] == [0, 1]
+    parts = gather_rows({"val": [row(0, hit), row(1, miss)]})
+    assert parts is not None
+    rows = merge_rows([*parts, {"val": [row(0, hit)]}])  # a second process's padded repeat
+    assert [r.image_id for r in rows["val"]] == [0, 1]
     total = GroundingMeter(patch_size=8)
     for r in rows["val"]:
         total.merge(r.grounding)
     assert total.compute()["grounding/pointing_acc"] == 0.5 and total.words == 2
+    with pytest.raises(DataError, match="image id 0 names two images of the val split"):
+        merge_rows([*parts, {"val": [row(0, hit, "another.png")]}])
 
 
 def compose_with_hydra(*overrides: str):

@@ -281,7 +281,7 @@ def test_bad_image_files_are_named(
     cases = {path: path.name for path in bad} | {
         tmp_path / "missing.png": "missing.png: no such file",
         bomb: "bomb.png: refused as a possible decompression bomb",
-        folder: "is a directory",
+        folder: "is a folder",
     }
     for path, message in cases.items():
         with pytest.raises(ImageLoadError, match=message):

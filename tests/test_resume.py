@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from typing import Any
 
 import pytest
 import torch
-from builders import TINY_IMAGE_MODEL, Interrupted, Poison, StepProbe, write_shards
+from builders import QUIET, TINY_IMAGE_MODEL, Interrupted, Poison, StepProbe, write_shards
 from conftest import compose_train
 from hydra.utils import instantiate
 from lightning import Callback, Trainer, seed_everything
@@ -23,7 +24,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import SingleDeviceStrategy
 
 from captioner import checkpoint as checkpoint_module
-from captioner.checkpoint import AtomicCheckpointIO
+from captioner.checkpoint import SafeCheckpointIO
 from captioner.data import ShapesDataModule
 from captioner.errors import ConfigError, TrainingError
 from captioner.lit_module import CaptionerLitModule, warmup_cosine_schedule
@@ -35,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_a_checkpoint_write_that_dies_midway_leaves_the_last_one_whole(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    writer, path = AtomicCheckpointIO(), tmp_path / "checkpoints" / "last.ckpt"
+    writer, path = SafeCheckpointIO(), tmp_path / "checkpoints" / "last.ckpt"
     writer.save_checkpoint({"global_step": 1, "w": torch.arange(1000.0)}, path)
     good = path.read_bytes()
     assert oct(path.stat().st_mode & 0o777) == oct(0o666 & ~_umask())  # as open() makes files
@@ -63,25 +64,22 @@ def _umask() -> int:
 def test_every_trainer_config_writes_checkpoints_atomically(trainer: str, tmp_path: Path) -> None:
     cfg = compose_train(f"trainer={trainer}", output_dir=tmp_path)
     built = instantiate(cfg.trainer, logger=False, enable_progress_bar=False)
-    assert isinstance(built.strategy.checkpoint_io, AtomicCheckpointIO)
+    assert isinstance(built.strategy.checkpoint_io, SafeCheckpointIO)
 
 
-QUIET = (
-    "callbacks.attention_samples=null", "callbacks.rich_progress_bar=null",
-    "callbacks.lr_monitor=null", "~logger",
-)  # fmt: skip
 RUN = (
     "experiment=shapes_tiny", "data.num_train=64", "data.batch_size=8", "data.num_val=8",
     "data.num_test=8", "trainer.max_epochs=3", "test=false", "seed=7", *QUIET,
 )  # fmt: skip
 
 
-def train_process(*args: str, cwd: Path) -> subprocess.Popen:
-    """`scripts/train.py` in a process of its own, with the test helpers importable."""
+def train_process(*args: str, cwd: Path, stderr: int = subprocess.STDOUT) -> subprocess.Popen:
+    """`scripts/train.py` in a process of its own, with the test helpers importable; its
+    stderr goes with its stdout unless `stderr` says otherwise."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "tests"), "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(
         [sys.executable, str(ROOT / "scripts" / "train.py"), *args],
-        cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True,
     )  # fmt: skip
 
 
@@ -154,6 +152,36 @@ def test_a_killed_run_resumes_mid_epoch_to_the_weights_of_an_uninterrupted_one(
         output = process.communicate(timeout=600)[0]
         assert process.returncode == 0, output[-3000:]
     assert_resumed_exactly(whole, killed, stopped=14, resumed_at=10)
+
+
+@pytest.mark.slow
+def test_a_sigterm_saves_the_step_under_way_and_the_run_resumes_exactly(tmp_path: Path) -> None:
+    """SIGTERM (a scheduler's pre-emption) at step 13, two steps after the last periodic
+    checkpoint: last.ckpt holds step 13's update, the exit status is 143, the last line says
+    how to resume (no traceback), and the resumed run ends on the uninterrupted run's weights."""
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    reference = train_process(*RUN, *EXACT, PROBE, f"hydra.run.dir={whole}", cwd=tmp_path)
+    victim = train_process(
+        *RUN, *EXACT, PROBE, "+callbacks.probe.sigterm_at_step=13", f"hydra.run.dir={stopped}",
+        cwd=tmp_path, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    errors = victim.communicate(timeout=600)[1]
+    assert victim.returncode == 143, errors[-3000:]
+    assert "Traceback" not in errors
+    line = errors.strip().splitlines()[-1]
+    assert re.fullmatch(
+        rf"training error: stopped by SIGTERM after step 14 \(epoch 1\); saved "
+        rf"{stopped}/checkpoints/last.ckpt. Resume with ckpt_path=last hydra.run.dir={stopped}",
+        line,
+    ), line
+    assert torch.load(stopped / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 14
+    resumed = train_process(
+        *RUN, *EXACT, PROBE, "ckpt_path=last", f"hydra.run.dir={stopped}", cwd=tmp_path
+    )
+    for process in (reference, resumed):
+        output = process.communicate(timeout=600)[0]
+        assert process.returncode == 0, output[-3000:]
+    assert_resumed_exactly(whole, stopped, stopped=14, resumed_at=14)
 
 
 @pytest.mark.parametrize("epoch_samples", ["null", "64"], ids=["whole-shards", "epoch_samples"])

@@ -29,7 +29,9 @@ class Opaque:
 class CaptionCollator:
     """Turns samples into a batch; training picks a random reference per image each time.
 
-    The batch keeps every reference (for scoring), the split name (for metric prefixes) and,
+    The batch keeps every reference (for scoring), where each image came from (`sources`: two
+    images under one id are an error, not a silent loss), the split name (for metric
+    prefixes) and,
     when the dataset has it, each image's ground-truth scene, with `word_boxes` (B, T, 4): the
     pixel box of the object each token names (zeros where it names none), for attention
     supervision. Samples that came back as
@@ -72,6 +74,7 @@ class CaptionCollator:
             "images": self.preprocess.normalize(images),
             "tokens": tokens,  # (B, T): <bos> words <eos> <pad>...
             "image_ids": [s["image_id"] for s in samples],
+            "sources": [s["source"] for s in samples],  # the file or shard entry of each image
             "references": references,
             "split": self.split,
             "bad_samples": bad,

@@ -140,6 +140,11 @@ class CaptionDataModule(LightningDataModule):
             return self.augment
         return self.preprocess.resize
 
+    def decode_size(self, scan: bool) -> tuple[int, int] | None:
+        """`load_image`'s `at_least`: images are shrunk while decoded to twice the model's
+        input; when scanning, decoded whole, so every byte is checked."""
+        return None if scan else self.preprocess.image_size
+
     def training_captions(self) -> Iterable[str]:
         raise NotImplementedError
 
@@ -209,11 +214,14 @@ class CaptionDataModule(LightningDataModule):
     def state_dict(self) -> dict[str, int]:
         """Where training is in its data, kept in every checkpoint: the run's seed, the epoch
         and the batches of it already trained on, so a resumed run goes on from the next batch
-        of the same order."""
+        of the same order; and the batch size and process count those batches are counted in."""
         if self.trainer is None:
             return {}
         batches = self.trainer.fit_loop.epoch_loop.batch_progress
-        state = {"seed": self.run_seed, "epoch": self.trainer.current_epoch}
+        state = {
+            "seed": self.run_seed, "epoch": self.trainer.current_epoch,
+            "batch_size": self.batch_size, "world_size": self.trainer.world_size,
+        }  # fmt: skip
         if batches.is_last_batch:  # the epoch is over: the next one starts from its beginning
             return state | {"epoch": state["epoch"] + 1, "batches": 0}
         return state | {"batches": batches.current.ready}
@@ -222,6 +230,7 @@ class CaptionDataModule(LightningDataModule):
         """Resuming training (not validating or testing a checkpoint): the checkpoint's seed
         and place in the data, whatever `seed=` this run was given."""
         if state_dict and self.trainer is not None and self.trainer.state.fn == "fit":
+            self._check_same_batches(state_dict)
             self.run_seed = state_dict["seed"]
             self._resume = state_dict["epoch"], state_dict["batches"]
             fit_loop = self.trainer.fit_loop
@@ -229,6 +238,21 @@ class CaptionDataModule(LightningDataModule):
                 # built before this restore (FSDP and DeepSpeed restore after setup, where the
                 # scheduler counted the steps): built again from the checkpoint's place
                 fit_loop._combined_loader = None
+
+    def _check_same_batches(self, state: dict[str, int]) -> None:
+        """The place in the data and the learning-rate schedule are counted in batches: a
+        resumed run must cut the data into the same ones."""
+        assert self.trainer is not None
+        for key, now, name in (
+            ("batch_size", self.batch_size, "data.batch_size"),
+            ("world_size", self.trainer.world_size, "the number of processes (devices x nodes)"),
+        ):
+            if state.get(key, now) != now:
+                raise ConfigError(
+                    f"the checkpoint was trained with {name} = {state[key]}, this run has {now}: "
+                    f"resume with {state[key]} (its place in the data and its learning-rate "
+                    "schedule are counted in those batches), or start a new run."
+                )
 
     def training_position(self) -> tuple[int, int]:
         """(epoch, batches to skip) for the train loader being built: a checkpoint's position

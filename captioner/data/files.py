@@ -32,6 +32,7 @@ class ImageCaptionDataset(Dataset):
 
     With `every_caption`, each (image, caption) pair is one sample, so an epoch sees every
     caption; otherwise each image is one sample and the collator draws one of its captions.
+    `at_least` is `load_image`'s: the size below which decoding does not shrink an image.
     """
 
     def __init__(
@@ -39,8 +40,9 @@ class ImageCaptionDataset(Dataset):
         records: Sequence[Record],
         transform: Callable[[Image.Image], torch.Tensor],
         every_caption: bool = False,
+        at_least: tuple[int, int] | None = None,
     ) -> None:
-        self.records, self.transform = records, transform
+        self.records, self.transform, self.at_least = records, transform, at_least
         self.index = [
             (i, j if every_caption else None)
             for i, record in enumerate(records)
@@ -54,10 +56,13 @@ class ImageCaptionDataset(Dataset):
         position, caption = self.index[index]
         record = self.records[position]
         try:
-            pixels = self.transform(load_image(record.image))
+            pixels = self.transform(load_image(record.image, at_least=self.at_least))
         except ImageLoadError as err:
             return {BAD: BadSample(err.source, err.reason)}
-        sample = {"image": pixels, "captions": list(record.captions), "image_id": record.image_id}
+        sample = {
+            "image": pixels, "captions": list(record.captions), "image_id": record.image_id,
+            "source": str(record.image),
+        }  # fmt: skip
         if caption is not None:
             sample["caption"] = record.captions[caption]
         return sample
@@ -116,7 +121,8 @@ class FileCaptionDataModule(ImageDataModule):
     def dataset(self, split: str, scan: bool = False) -> Dataset:
         records = self.records(split)
         every_caption = split == "train" and self.every_caption and not scan
-        return ImageCaptionDataset(records, self.image_transform(split, scan), every_caption)
+        transform = self.image_transform(split, scan)
+        return ImageCaptionDataset(records, transform, every_caption, self.decode_size(scan))
 
     def training_captions(self) -> Iterable[str]:
         for record in self.records("train"):

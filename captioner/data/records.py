@@ -208,9 +208,18 @@ def read_table(
 
 def _finish(entries: Iterable[_Entry], policy: str) -> tuple[list[Record], list[BadSample]]:
     """Records of one-line captions (`one_line`), with empty and overlong ones dropped; every
-    drop is a `BadSample`, raised under `error` (the first one) and returned under `skip`."""
+    drop is a `BadSample`, raised under `error` (the first one) and returned under `skip`.
+    Two images under one id are a `DataError` whatever the policy: evaluation scores each
+    image under its id, so one of them would silently go unscored."""
     records, bad = [], []
+    ids: dict[int | str, _Entry] = {}
     for entry in entries:
+        first = ids.setdefault(entry.image_id, entry)
+        if first is not entry:
+            raise DataError(
+                f"{entry.source}: image {entry.path} has id {entry.image_id!r}, already the id "
+                f"of image {first.path} at {first.source}; expected one id per image."
+            )
         captions = []
         for text, source in entry.captions:
             caption = one_line(text)
@@ -247,7 +256,12 @@ def _parse_object(text: str, at: _At) -> dict[str, Any]:
     """`text` as a JSON object; invalid JSON names the file line (offset by `at.line`) and
     column."""
     try:
-        value = json.loads(text)
+        value = loads_unique(text)
+    except DuplicateKey as e:
+        raise DataError(
+            f"{at}: key {e.key!r:.60} appears twice in one object; expected each key "
+            "once (a JSON reader would silently keep only the last)."
+        ) from None
     except json.JSONDecodeError as e:
         line = (at.line or 1) + e.lineno - 1
         raise DataError(f"{at.file}:{line}:{e.colno}: invalid JSON ({e.msg}).") from None
@@ -256,6 +270,31 @@ def _parse_object(text: str, at: _At) -> dict[str, Any]:
     except ValueError as e:  # an integer of thousands of digits
         raise DataError(f"{at}: a number in it cannot be read ({e}).") from None
     return _check(value, (dict,), at)
+
+
+class DuplicateKey(ValueError):
+    """A JSON object naming the same key twice."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"duplicate key {key!r}")
+        self.key = key
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) < len(pairs):  # find the first key named again
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise DuplicateKey(key)
+            seen.add(key)
+    return obj
+
+
+def loads_unique(text: str | bytes) -> Any:
+    """`json.loads`, but an object that names a key twice is a `DuplicateKey` error instead of
+    keeping the last value silently."""
+    return json.loads(text, object_pairs_hook=_unique_pairs)
 
 
 def _check(value: Any, kinds: tuple[type, ...], at: _At) -> Any:
@@ -300,6 +339,11 @@ def _csv_rows(
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     lines = _csv_lines(reader, at)
     header = [column.strip() for column in next(lines, [])]
+    if repeated := sorted({column for column in header if header.count(column) > 1}):
+        raise DataError(
+            f"{at.file}:1: column(s) {repeated} appear twice in the header; expected each once "
+            "(a reader would silently keep only the last)."
+        )
     if missing := [column for column in required if column not in header]:
         raise DataError(
             f"{at.file}:1: header {header} lacks column(s) {missing}; expected a "

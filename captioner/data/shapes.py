@@ -339,4 +339,7 @@ class ShapesDataset(Dataset):
             raise IndexError(index)
         scene = self.world.scene(self.split, index)
         image = torch.from_numpy(self.world.render(scene)).permute(2, 0, 1)  # (3, H, W) uint8
-        return {"image": image, "captions": list(scene.captions), "image_id": index, "scene": scene}
+        return {
+            "image": image, "captions": list(scene.captions), "image_id": index, "scene": scene,
+            "source": f"shapes:{self.split}/{index}",
+        }  # fmt: skip

@@ -14,7 +14,6 @@ main process as for image files.
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import random
 from collections.abc import Callable, Iterator, Sequence
@@ -31,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 
 from captioner.data.datamodule import ImageDataModule, seeded_sample
 from captioner.data.policy import BAD, BadSample
+from captioner.data.records import DuplicateKey, loads_unique
 from captioner.data.tokenizer import caption_problem, one_line, tokenizer_settings
 from captioner.data.transforms import load_image
 from captioner.data.vocab_cache import data_key
@@ -78,7 +78,9 @@ def sample_captions(raw: dict[str, Any]) -> list[str] | BadSample:
     captions: Any = None
     if "json" in raw:
         try:
-            captions = json.loads(raw["json"]).get("caption")
+            captions = loads_unique(raw["json"]).get("caption")
+        except DuplicateKey as err:
+            return BadSample(f"{source}.json", f"{err} in one object")
         except (ValueError, RecursionError, AttributeError):  # invalid, huge numbers, too deep
             return BadSample(f"{source}.json", "not a readable JSON object")
     if captions is None and "txt" in raw:
@@ -94,7 +96,9 @@ def sample_captions(raw: dict[str, Any]) -> list[str] | BadSample:
 
 
 def decode_sample(
-    raw: dict[str, Any], transform: Callable[[Image.Image], torch.Tensor]
+    raw: dict[str, Any],
+    transform: Callable[[Image.Image], torch.Tensor],
+    at_least: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """A tar sample's bytes -> our sample, or `{BAD: BadSample}` naming shard and key."""
     source = f"{raw.get('__url__', '?')}/{raw.get('__key__', '?')}"
@@ -105,10 +109,11 @@ def decode_sample(
     if isinstance(captions, BadSample):
         return {BAD: captions}
     try:
-        pixels = transform(load_image(raw[image_ext], name=f"{source}.{image_ext}"))
+        image = load_image(raw[image_ext], name=f"{source}.{image_ext}", at_least=at_least)
+        pixels = transform(image)
     except ImageLoadError as err:
         return {BAD: BadSample(err.source, err.reason)}
-    return {"image": pixels, "captions": captions, "image_id": raw["__key__"]}
+    return {"image": pixels, "captions": captions, "image_id": raw["__key__"], "source": source}
 
 
 class ShardStream(IterableDataset):
@@ -130,8 +135,10 @@ class ShardStream(IterableDataset):
         seed: int = 0,
         repeat: bool = False,
         sample_seed: int | None = None,
+        at_least: tuple[int, int] | None = None,
     ) -> None:
         self.shards, self.transform, self.shuffle = list(shards), transform, shuffle
+        self.at_least = at_least
         self.shuffle_buffer, self.seed, self.repeat = shuffle_buffer, seed, repeat
         self.sample_seed = sample_seed
         self.rank, self.world_size, self.epoch = 0, 1, 0
@@ -160,11 +167,13 @@ class ShardStream(IterableDataset):
             for position, raw in enumerate(samples):
                 if BAD in raw:
                     yield raw
-                elif self.sample_seed is None:
-                    yield decode_sample(raw, self.transform)
+                    continue
+                decode = partial(decode_sample, raw, self.transform, self.at_least)
+                if self.sample_seed is None:
+                    yield decode()
                 else:
                     seed = mix_seed(self.sample_seed, epoch, self.rank, worker, position)
-                    yield seeded_sample(seed, partial(decode_sample, raw, self.transform))
+                    yield seeded_sample(seed, decode)
             if not self.repeat:
                 return
             epoch += 1
@@ -270,6 +279,7 @@ class WebDataModule(ImageDataModule):
             seed=self.seed,
             repeat=train and bool(self.epoch_samples),
             sample_seed=self.run_seed if train else None,
+            at_least=self.decode_size(scan),
         )
 
     def _loader(self, split: str, train: bool) -> DataLoader:

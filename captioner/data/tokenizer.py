@@ -13,6 +13,12 @@ SPECIALS = (PAD, BOS, EOS, UNK)
 # "\ud800", which no UTF-8 encoder, the COCO scorer's included, accepts)
 _CONTROLS = r"\x00-\x1f\x7f-\x9f\ud800-\udfff"
 _CONTROL = re.compile(f"[{_CONTROLS}]")
+# the line and paragraph separators and bidirectional overrides, which can split or reorder
+# a terminal's line
+_LAYOUT = "\u2028\u2029\u202a-\u202e\u2066-\u2069"
+_UNSAFE = re.compile(f"[\\s{_CONTROLS}{_LAYOUT}]")  # what a word read from a file may not hold
+_ESCAPED = re.compile(f"[\\\\{_CONTROLS}{_LAYOUT}]")  # what `escape` writes as escapes
+_NAMED = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
 _WORD = re.compile(f"[a-z0-9]+(?:'[a-z]+)?|[^\\sa-z0-9{_CONTROLS}]")
 # Dense-caption sets run to a few thousand characters; more is a file's worth of text in one
 # field, which no caption model should train on or be scored against.
@@ -40,6 +46,30 @@ def caption_problem(caption: str) -> str | None:
     return None
 
 
+def escape(text: str) -> str:
+    """`text` as one printable line: backslashes, control characters, line separators and
+    bidirectional overrides become backslash escapes (`\\n`, `\\x1b`, `\\u202e`), and a byte
+    that was not UTF-8 (kept by Python as a lone surrogate) becomes `\\xNN`."""
+    return _ESCAPED.sub(_escape_char, text)
+
+
+def _escape_char(match: re.Match[str]) -> str:
+    char = match.group()
+    code = ord(char)
+    if char in _NAMED:
+        return _NAMED[char]
+    if 0xDC80 <= code <= 0xDCFF:  # `surrogateescape`'s stand-in for an undecodable byte
+        return f"\\x{code - 0xDC00:02x}"
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
+
+
+def safe_word(word: str) -> str:
+    """`word` as it can be printed: unchanged if it is an ordinary word, else escaped."""
+    if not word:
+        return "<empty>"
+    return escape(word) if _UNSAFE.search(word) else word
+
+
 def split_words(text: str) -> list[str]:
     """Lower-case and split into words, with each punctuation mark its own word."""
     return _WORD.findall(text.lower())
@@ -52,7 +82,7 @@ class Tokenizer:
         self.itos: list[str] = list(SPECIALS) + [w for w in words if w not in SPECIALS]
         self.stoi = {w: i for i, w in enumerate(self.itos)}
         if len(self.stoi) != len(self.itos):
-            raise ValueError("tokenizer vocabulary has duplicate words")
+            raise ValueError("the vocabulary has duplicate words")
         self.pad_id, self.bos_id, self.eos_id, self.unk_id = (self.stoi[s] for s in SPECIALS)
 
     @classmethod
@@ -98,8 +128,18 @@ class Tokenizer:
         return {"type": "word", "itos": list(self.itos)}
 
     @classmethod
-    def from_dict(cls, state: dict[str, Any]) -> Tokenizer:
-        itos = state["itos"]
+    def from_dict(cls, state: Any) -> Tokenizer:
+        """The tokenizer `to_dict` describes, read from a file: `ValueError` says what is wrong.
+
+        A word no caption could have produced (holding a line break, a tab, an escape code...)
+        is kept, escaped (`a\\nb`), so printing a caption can never forge lines or drive a
+        terminal.
+        """
+        if not isinstance(state, dict) or state.get("type", "word") != "word":
+            raise ValueError("expected a mapping with type 'word' and a list 'itos'")
+        itos = state.get("itos")
+        if not isinstance(itos, list) or not all(isinstance(w, str) for w in itos):
+            raise ValueError("'itos' must be a list of words (strings)")
         if tuple(itos[: len(SPECIALS)]) != SPECIALS:
-            raise ValueError("tokenizer state does not start with <pad> <bos> <eos> <unk>")
-        return cls(itos[len(SPECIALS) :])
+            raise ValueError("the vocabulary does not start with <pad> <bos> <eos> <unk>")
+        return cls(map(safe_word, itos[len(SPECIALS) :]))

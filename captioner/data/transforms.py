@@ -29,8 +29,17 @@ Image.init()
 _READABLE = tuple(sorted(set(Image.OPEN) - {"EPS"}))
 
 
-def load_image(source: str | Path | bytes, name: str | None = None) -> Image.Image:
+def load_image(
+    source: str | Path | bytes,
+    name: str | None = None,
+    at_least: tuple[int, int] | None = None,
+) -> Image.Image:
     """An RGB image, turned upright by its EXIF orientation, from a path or encoded bytes.
+
+    With `at_least` (height, width: the model's input), an image more than twice that size
+    is shrunk while it is decoded (JPEG's DCT scaling, else PIL's box `reduce`) to no less
+    than twice it, so a huge photo costs memory for its decode only, never a batch of them,
+    and the final resize still averages over at least 2 x 2 pixels.
 
     `ImageLoadError` names the file (or `name`) when it is missing, not an image, truncated or
     a decompression bomb, so a bad file never surfaces as a traceback from deep inside PIL.
@@ -38,14 +47,23 @@ def load_image(source: str | Path | bytes, name: str | None = None) -> Image.Ima
     label = name or ("<bytes>" if isinstance(source, bytes) else str(source))
     try:
         if not isinstance(source, bytes) and not stat.S_ISREG(os.stat(source).st_mode):
-            kind = "a directory" if Path(source).is_dir() else "a pipe, socket or device"
-            raise ImageLoadError(label, f"is {kind}, not an image file")  # reading could block
+            kind = "a pipe, socket or device"  # reading could block
+            if Path(source).is_dir():
+                kind = "a link to a folder (not followed)" if os.path.islink(source) else "a folder"
+            raise ImageLoadError(label, f"is {kind}, not an image file")
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             data = io.BytesIO(source) if isinstance(source, bytes) else source
             with Image.open(data, formats=_READABLE) as image:
-                return to_rgb(ImageOps.exif_transpose(image))
+                margin = None if at_least is None else 2 * max(at_least)
+                if margin is not None and image.format == "JPEG":
+                    image.draft(None, (margin, margin))  # decodes at 1/2, 1/4 or 1/8 scale
+                rgb = to_rgb(ImageOps.exif_transpose(image))
+                factor = 1 if margin is None else min(rgb.size) // margin
+                return rgb.reduce(factor) if factor >= 2 else rgb
     except FileNotFoundError:
+        if not isinstance(source, bytes) and os.path.islink(source):
+            raise ImageLoadError(label, f"is a broken link (to {os.readlink(source)})") from None
         raise ImageLoadError(label, "no such file") from None
     except UnidentifiedImageError:
         raise ImageLoadError(label, "not a readable image (unknown or corrupt format)") from None
@@ -146,13 +164,35 @@ class ImagePreprocess:
         return {"image_size": list(self.image_size), "mean": list(self.mean), "std": list(self.std)}
 
     @classmethod
-    def from_dict(cls, state: dict[str, Any]) -> ImagePreprocess:
-        size = state["image_size"]
-        return cls(
-            image_size=(int(size[0]), int(size[1])),
-            mean=tuple(float(m) for m in state["mean"]),
-            std=tuple(float(s) for s in state["std"]),
-        )
+    def from_dict(cls, state: Any) -> ImagePreprocess:
+        """The preprocessing `to_dict` describes, read from a file: `ValueError` names the
+        entry that is wrong."""
+        if not isinstance(state, dict):
+            raise ValueError("expected a mapping with image_size, mean and std")
+        size = state.get("image_size")
+        if not (isinstance(size, list) and len(size) == 2 and all(map(_positive_int, size))):
+            raise ValueError(f"image_size must be [height, width] in pixels, got {size!r:.60}")
+        stats = {}
+        for key in ("mean", "std"):
+            values = state.get(key)
+            if not (
+                isinstance(values, list)
+                and values
+                and all(_is_number(v) and math.isfinite(v) for v in values)
+            ):
+                raise ValueError(f"{key} must be a list of finite numbers, got {values!r:.60}")
+            stats[key] = tuple(float(v) for v in values)
+        if len(stats["mean"]) != len(stats["std"]) or min(stats["std"]) <= 0:
+            raise ValueError("std must be positive numbers, one per entry of mean")
+        return cls((size[0], size[1]), stats["mean"], stats["std"])
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 @dataclass(frozen=True)

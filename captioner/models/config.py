@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -31,9 +32,18 @@ class CaptionerConfig:
     max_len: int = 32  # longest token sequence, <bos> and <eos> included
 
     def __post_init__(self) -> None:
-        if isinstance(self.image_size, int):
+        if isinstance(self.image_size, int) and not isinstance(self.image_size, bool):
             self.image_size = (self.image_size, self.image_size)
-        self.image_size = tuple(int(s) for s in self.image_size)  # type: ignore[assignment]
+        if not (
+            isinstance(self.image_size, list | tuple)
+            and len(self.image_size) == 2
+            and all(_is_int(s) for s in self.image_size)
+        ):
+            raise ConfigError(
+                f"data.image_size must be a positive int or [height, width], got "
+                f"{self.image_size!r:.60}."
+            )
+        self.image_size = tuple(self.image_size)  # type: ignore[assignment]
         self.validate()
 
     @property
@@ -49,9 +59,13 @@ class CaptionerConfig:
         )  # fmt: skip
         for name in positive:
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"model.{name} must be a positive integer, got {value!r}.")
-        if len(self.image_size) != 2 or min(self.image_size) <= 0:
+            if not _is_int(value) or value <= 0:
+                raise ConfigError(f"model.{name} must be a positive integer, got {value!r:.60}.")
+        for name in ("mlp_ratio", "dropout"):
+            value = getattr(self, name)
+            if not (_is_number(value) and math.isfinite(value)):
+                raise ConfigError(f"model.{name} must be a finite number, got {value!r:.60}.")
+        if min(self.image_size) <= 0:
             raise ConfigError(
                 f"data.image_size must be a positive int or [height, width], got {self.image_size}."
             )
@@ -70,7 +84,7 @@ class CaptionerConfig:
                 )
         if self.pos_embed not in ("learned", "sincos"):
             raise ConfigError(
-                f"model.pos_embed must be 'learned' or 'sincos', got {self.pos_embed!r}."
+                f"model.pos_embed must be 'learned' or 'sincos', got {self.pos_embed!r:.60}."
             )
         if self.pos_embed == "sincos" and self.encoder_dim % 4:
             raise ConfigError(
@@ -91,11 +105,23 @@ class CaptionerConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> CaptionerConfig:
         """Build from a mapping, rejecting unknown keys with the list of valid ones."""
+        if not isinstance(values, dict):
+            raise ConfigError(f"expected a mapping of model keys, got {type(values).__name__}.")
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
+        unknown = sorted(map(str, set(values) - known))
         if unknown:
             raise ConfigError(
-                f"unknown model key(s) {', '.join('model.' + k for k in unknown)}; "
+                f"unknown model key(s) {', '.join(f'model.{k:.40}' for k in unknown[:5])}; "
                 f"valid keys are: {', '.join(sorted(known - {'vocab_size'}))}."
             )
+        if "vocab_size" not in values:
+            raise ConfigError("model.vocab_size is missing.")
         return cls(**values)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)

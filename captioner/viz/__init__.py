@@ -5,6 +5,7 @@ functions take `num_prefix_tokens` so a CLS token is dropped from maps but kept 
 """
 
 from captioner.viz.encoder import encoder_attention_from_patch, encoder_patch_map, query_map
+from captioner.viz.files import AttentionFolder
 from captioner.viz.gif import save_gif
 from captioner.viz.matrices import attention_matrices
 from captioner.viz.overlay import (
@@ -17,6 +18,7 @@ from captioner.viz.overlay import (
 from captioner.viz.rollout import attention_rollout, rollout_overlay
 
 __all__ = [
+    "AttentionFolder",
     "attention_matrices",
     "attention_rollout",
     "attention_to_pixels",

@@ -1,0 +1,176 @@
+"""`scripts/caption.py` stays machine-readable and runs to the end whatever its inputs are
+named, whatever words a vocabulary holds, and whatever options are given."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import tiny_config
+from PIL import Image
+
+from captioner.data import ShapesWorld, load_image
+from captioner.errors import ConfigError
+from captioner.generation import DecodingOptions
+from captioner.inference import Captioner
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("caption_script", ROOT / "scripts" / "caption.py")
+caption_script = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(caption_script)
+
+
+@pytest.fixture(scope="module")
+def ckpt(trained_run: Path) -> Path:
+    return trained_run / "checkpoints" / "last.ckpt"
+
+
+def scene(i: int) -> Image.Image:
+    world = ShapesWorld(image_size=(32, 48), max_objects=2)
+    return Image.fromarray(world.render(world.scene("test", i)))
+
+
+def run_caption(*args: Any, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "caption.py"), *map(os.fsencode, map(str, args))],
+        cwd=cwd, capture_output=True, timeout=600,
+    )  # fmt: skip
+
+
+def hostile_folder(root: Path) -> tuple[list[bytes], list[str]]:
+    """Images under names that break TSV or UTF-8, and entries a walk used to skip silently:
+    (the image names as bytes, the broken entries' names)."""
+    root.mkdir()
+    names = [b"plain.png", b"line\nbreak.png", b"tab\there.png", b"latin1-\xe9t\xe9.png",
+             b"back\\slash.png", b"L" * 248 + b".png"]  # fmt: skip
+    for i, name in enumerate(names):
+        scene(i).save(os.path.join(os.fsencode(root), name), format="PNG")
+    (root / "sub").mkdir()
+    os.symlink(root / "sub", root / "link-to-folder")
+    os.symlink(root / "nowhere.png", root / "broken-link.png")
+    os.mkfifo(root / "fifo.png")
+    return names, ["link-to-folder", "broken-link.png", "fifo.png"]
+
+
+def test_every_image_is_one_line_of_two_fields_whatever_its_name(
+    ckpt: Path, tmp_path: Path
+) -> None:
+    names, broken = hostile_folder(tmp_path / "in")
+    result = run_caption(
+        "--ckpt", ckpt, "--save-attention", tmp_path / "figures", tmp_path / "in", cwd=tmp_path
+    )
+    out, err = result.stdout.decode("utf-8"), result.stderr.decode("utf-8")  # strict: valid UTF-8
+    lines = out.splitlines()
+    assert len(lines) == len(names) and all(line.count("\t") == 1 for line in lines), out
+    printed = sorted(line.split("\t")[0].rsplit("/", 1)[-1] for line in lines)
+    assert printed == sorted(
+        ["plain.png", "line\\nbreak.png", "tab\\there.png", "latin1-\\xe9t\\xe9.png",
+         "back\\\\slash.png", "L" * 248 + ".png"]
+    )  # fmt: skip
+    for line in lines:
+        name, caption = line.split("\t")
+        assert caption and name.isprintable() and caption.isprintable()
+    # what is not an image is named, and the exit status says something was left out
+    assert result.returncode == 1
+    assert "is a link to a folder (not followed)" in err and "is a broken link" in err
+    assert "fifo.png: is a pipe, socket or device" in err
+    assert f"{len(broken)} of {len(names) + len(broken)} inputs could not be captioned" in err
+    figures = sorted(p.name for p in (tmp_path / "figures").iterdir())
+    assert len(figures) == 3 * len(names) and all(len(os.fsencode(f)) <= 255 for f in figures)
+
+
+def test_json_output_is_valid_utf8_json_whatever_the_names(ckpt: Path, tmp_path: Path) -> None:
+    names, _ = hostile_folder(tmp_path / "in")
+    result = run_caption("--ckpt", ckpt, "--json", tmp_path / "in", cwd=tmp_path)
+    listed = json.loads(result.stdout.decode("utf-8"))
+    assert len(listed) == len(names) and all(item["caption"] for item in listed)
+    assert {item["image"].rsplit("/", 1)[-1] for item in listed} >= {"line\\nbreak.png"}
+    json.dumps(listed, ensure_ascii=False).encode("utf-8")  # no lone surrogate left
+
+
+def test_vocabulary_words_cannot_inject_lines_or_terminal_codes(ckpt: Path, tmp_path: Path) -> None:
+    """The word the model writes first, renamed in the file to hold a line break, a tab and
+    an escape code: printed escaped, one line per image."""
+    state = torch.load(ckpt, weights_only=True)
+    first = Captioner.from_checkpoint(ckpt).caption(scene(0), beam_size=3)[0].tokens[0]
+    state["captioner"]["tokenizer"]["itos"][first] = "x\ny\tz\x1b[31m"
+    forged = tmp_path / "forged.ckpt"
+    torch.save(state, forged)
+    scene(0).save(tmp_path / "0.png")
+    result = run_caption("--ckpt", forged, tmp_path / "0.png", cwd=tmp_path)
+    out = result.stdout.decode()
+    assert result.returncode == 0 and out.count("\n") == 1 and out.count("\t") == 1, out
+    assert "x\\ny\\tz\\x1b[31m" in out and "\x1b" not in out
+
+
+def call_main(*argv: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    """`caption.py`'s main in this process: (exit status, stderr)."""
+    try:
+        status = caption_script.main(list(argv))
+    except SystemExit as exit:
+        status = exit.code
+    return status, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--device", "cuda:99"], "device cuda:99: this machine has"),
+        (["--device", "bogus"], "device 'bogus' is not a device name"),
+        (["--temperature", "inf"], "argument --temperature: must be a finite number"),
+        (["--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
+        (["--batch-size", "-1"], "argument --batch-size: must be >= 1, got -1"),
+        (["--top-k", "x"], "argument --top-k: invalid integer value"),
+    ],
+)
+def test_wrong_options_are_one_line_errors(
+    options: list[str], message: str, ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    scene(0).save(tmp_path / "0.png")
+    status, err = call_main("--ckpt", str(ckpt), *options, str(tmp_path / "0.png"), capsys=capsys)
+    assert status == 2 and message in err and "Traceback" not in err
+
+
+def test_save_attention_at_a_file_fails_before_captioning(
+    ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    scene(0).save(tmp_path / "0.png")
+    (tmp_path / "taken").write_text("a file")
+    status, err = call_main(
+        "--ckpt", str(ckpt), "--save-attention", str(tmp_path / "taken"), str(tmp_path / "0.png"),
+        capsys=capsys,
+    )  # fmt: skip
+    assert status == 2 and err.count("\n") == 1 and "exists and is not a folder" in err
+
+
+def test_decoding_options_must_be_finite() -> None:
+    for options, key in (
+        ({"temperature": float("inf")}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"length_penalty": float("nan")}, "length_penalty"),
+        ({"top_p": float("nan")}, "top_p"),
+    ):
+        with pytest.raises(ConfigError, match=f"decoding.{key} must be"):
+            DecodingOptions(**options).resolve_max_length(tiny_config())
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_a_huge_image_is_shrunk_while_decoded(fmt: str, tmp_path: Path) -> None:
+    """Twice the model's input on the shorter side at least, never the whole photo: a batch of
+    huge images costs one decode at a time."""
+    path = tmp_path / f"big.{fmt.lower()}"
+    scene(0).resize((3000, 2000)).save(path, format=fmt)
+    small = load_image(path, at_least=(32, 48))
+    assert 96 <= min(small.size) < 2 * 96 * 2 and small.size[0] > small.size[1]
+    assert load_image(path).size == (3000, 2000)  # scanning a dataset still reads it all
+    buffer = io.BytesIO()
+    scene(1).save(buffer, format=fmt)
+    assert load_image(buffer.getvalue(), at_least=(32, 48)).size == (48, 32)  # small: as is

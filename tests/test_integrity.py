@@ -1,0 +1,146 @@
+"""No run loses or double-counts data silently: one id per image, no training over another
+run's checkpoints, and a split with nothing usable in it stops the run in one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from builders import QUIET, TINY_IMAGE_MODEL, write_shards, write_table
+from conftest import compose_train
+
+from captioner.checkpoint import export, load_checkpoint
+from captioner.data.records import read_table
+from captioner.errors import ConfigError, DataError
+from captioner.tasks import evaluate, train, validate_data
+
+TINY_RUN = (
+    "experiment=shapes_tiny", "data.num_train=16", "data.batch_size=8", "data.num_val=8",
+    "data.num_test=8", "trainer.max_epochs=1", "test=false", *QUIET,
+)  # fmt: skip
+
+
+def jsonl_with_ids(folder: Path, ids: list[int]) -> Path:
+    """A JSONL split of distinct images, the i-th under `ids[i]`."""
+    paths = write_table(folder)
+    rows = [json.loads(line) for line in paths["train_file"].read_text().splitlines()]
+    path = folder / "dup.jsonl"
+    lines = [json.dumps({**row, "id": i}) for row, i in zip(rows, ids, strict=False)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_two_images_under_one_id_are_an_error(tmp_path: Path) -> None:
+    path = jsonl_with_ids(tmp_path, [0, 0, 1, 1, 2, 2])
+    with pytest.raises(
+        DataError,
+        match=r"dup\.jsonl:2: image .*train1\.png has id 0, already the id of image "
+        r".*train0\.png at .*dup\.jsonl:1",
+    ):
+        read_table(path, None, "skip")
+    cfg = compose_train(
+        "data=jsonl", f"data.train_file={path}", f"data.val_file={path}",
+        output_dir=tmp_path / "report", config_name="validate_data",
+    )  # fmt: skip
+    with pytest.raises(DataError, match="already the id of image"):
+        validate_data(cfg)
+
+
+def test_shards_that_reuse_a_key_are_scored_once_each_or_refused(
+    trained_run: Path, tmp_path: Path
+) -> None:
+    """Two shards written apart both hold key 000000000: evaluation names the clash instead of
+    scoring one of the images and dropping the other."""
+    first = write_shards(tmp_path / "a", "test", 1, 2).replace("{00000..00000}", "00000")
+    second = write_shards(tmp_path / "b", "test", 1, 2).replace("{00000..00000}", "00000")
+    ckpt = trained_run / "checkpoints" / "last.ckpt"
+    cfg = compose_train(
+        f"ckpt_path={ckpt}", "data=webdataset", f"data.train_shards={first}",
+        f"data.val_shards={first}", f"data.test_shards=[{first},{second}]",
+        "data.num_workers=0", "trainer.accelerator=cpu",
+        output_dir=tmp_path / "eval", config_name="eval",
+    )  # fmt: skip
+    with pytest.raises(DataError, match=r"image id '000000000' names two images of the test split"):
+        evaluate(cfg)
+    cfg = compose_train(
+        f"ckpt_path={ckpt}", "data=webdataset", f"data.train_shards={first}",
+        f"data.val_shards={first}", f"data.test_shards=[{first}]", "data.num_workers=0",
+        output_dir=tmp_path / "eval_ok", config_name="eval",
+    )  # fmt: skip
+    _, objects = evaluate(cfg)
+    assert len(objects["model"].predictions["test"]) == 2
+
+
+def test_a_run_folder_with_checkpoints_is_not_trained_over(tmp_path: Path) -> None:
+    train(compose_train(*TINY_RUN, output_dir=tmp_path))
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    before = last.read_bytes()
+    with pytest.raises(ConfigError, match="already holds the checkpoints of a run.*ckpt_path=last"):
+        train(compose_train(*TINY_RUN, output_dir=tmp_path))
+    assert last.read_bytes() == before
+    other = tmp_path / "elsewhere.ckpt"
+    other.write_bytes(before)  # a checkpoint from outside this folder: would replace its own
+    with pytest.raises(ConfigError, match="already holds"):
+        train(compose_train(*TINY_RUN, f"ckpt_path={other}", output_dir=tmp_path))
+
+    # what a writer killed mid-write left is cleared when the run resumes
+    stale = tmp_path / "checkpoints" / ".last.ckpt.k1ll3d.tmp"
+    stale.write_bytes(before[:100])
+    train(compose_train(*TINY_RUN, "trainer.max_epochs=2", "ckpt_path=last", output_dir=tmp_path))
+    assert not stale.exists()
+    assert torch.load(last, weights_only=True)["epoch"] == 1
+
+
+def test_resuming_needs_the_architecture_and_batches_it_was_trained_with(tmp_path: Path) -> None:
+    train(compose_train(*TINY_RUN, output_dir=tmp_path / "run"))
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    wider = compose_train(
+        *TINY_RUN, "model.decoder_dim=96", f"ckpt_path={ckpt}", output_dir=tmp_path / "a"
+    )
+    with pytest.raises(
+        ConfigError, match=r"was trained with model.decoder_dim=64 \(this run: 96\)"
+    ):
+        train(wider)
+    longer = compose_train(
+        *TINY_RUN, "model.max_len=40", f"ckpt_path={ckpt}", output_dir=tmp_path / "b"
+    )
+    with pytest.raises(ConfigError, match=r"model.max_len=32 \(this run: 40\)"):
+        train(longer)
+    resized = compose_train(
+        *TINY_RUN,
+        "data.batch_size=4",
+        "trainer.max_epochs=2",
+        f"ckpt_path={ckpt}",
+        output_dir=tmp_path / "run",
+    )
+    with pytest.raises(ConfigError, match="trained with data.batch_size = 8, this run has 4"):
+        train(resized)
+    export(load_checkpoint(ckpt), tmp_path / "export")
+    weights = tmp_path / "export" / "model.safetensors"
+    exported = compose_train(*TINY_RUN, f"ckpt_path={weights}", output_dir=tmp_path / "c")
+    with pytest.raises(ConfigError, match="an export holds the weights only"):
+        train(exported)
+
+
+def corrupt_images(folder: Path, split: str) -> None:
+    for image in (folder / "pics").glob(f"{split}*.png"):
+        image.write_bytes(b"not an image")
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_a_split_with_nothing_usable_stops_the_run(split: str, tmp_path: Path) -> None:
+    """Every image of the split unreadable, with data.on_bad_sample=skip: one line naming the
+    split, before an untrained model is saved as if it had been trained."""
+    paths = write_table(tmp_path / "data")
+    corrupt_images(tmp_path / "data", split)
+    cfg = compose_train(
+        "data=jsonl", *TINY_IMAGE_MODEL, *QUIET, f"data.train_file={paths['train_file']}",
+        f"data.val_file={paths['val_file']}", "data.on_bad_sample=skip", "data.num_workers=0",
+        "data.batch_size=4", "trainer.max_epochs=1", "test=false", output_dir=tmp_path / "run",
+    )  # fmt: skip
+    message = "every training sample of epoch 0" if split == "train" else "every image of the val"
+    with pytest.raises(DataError, match=f"{message}.*unusable and skipped"):
+        train(cfg)
+    assert not list((tmp_path / "run").rglob("*.ckpt"))

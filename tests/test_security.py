@@ -1,0 +1,329 @@
+"""A checkpoint is data: nothing in it runs, whichever entry point reads it, and every file that
+is not a usable checkpoint is refused in one line naming the file and the field."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from builders import QUIET
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from captioner.checkpoint import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    _contents,
+    export,
+    load_checkpoint,
+    load_trusted_pickle,
+)
+from captioner.errors import CheckpointError, UnsafeCheckpointError
+from captioner.inference import Captioner
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class RunsCode:
+    """Unpickling this object calls os.makedirs(marker): the shape of a malicious pickle."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (os.makedirs, (str(self.marker),))
+
+
+@pytest.fixture(scope="module")
+def ckpt(trained_run: Path) -> Path:
+    return trained_run / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="module")
+def saved(ckpt: Path) -> dict[str, Any]:
+    return torch.load(ckpt, map_location="cpu", weights_only=True)
+
+
+def shards_data(test_shards: str) -> dict[str, Any]:
+    return {
+        "_target_": "captioner.data.WebDataModule", "train_shards": "train.tar",
+        "val_shards": "val.tar", "test_shards": test_shards, "image_size": [32, 48],
+        "batch_size": 4, "num_workers": 0, "max_len": 32, "min_freq": 1,
+    }  # fmt: skip
+
+
+def hostile_data(route: str, marker: Path) -> dict[str, Any]:
+    """A data config that ran code when handed to `hydra.utils.instantiate`."""
+    if route == "pipe_shard":  # webdataset runs the command to read the shard
+        return shards_data(f"pipe:mkdir {marker} && cat /dev/null")
+    return {  # route == "nested_target": instantiate calls os.makedirs(marker)
+        "_target_": "captioner.data.ShapesDataModule",
+        "num_test": {"_target_": "os.makedirs", "name": str(marker)},
+    }
+
+
+def write_hostile(saved: dict[str, Any], route: str, folder: Path) -> tuple[Path, Path]:
+    """A `.ckpt` that carries `route`, and the marker that appears if its code ever runs."""
+    folder.mkdir(parents=True)
+    marker, path = folder / "code_ran", folder / f"{route}.ckpt"
+    state = {**saved, "captioner": dict(saved["captioner"])}
+    if route == "pickle":
+        state["captioner"]["tokenizer"] = RunsCode(marker)
+    else:
+        state["captioner"]["data"] = hostile_data(route, marker)
+    torch.save(state, path)
+    return path, marker
+
+
+def run_script(name: str, *args: Any, cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "scripts" / name), *map(str, args)], cwd=cwd,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def refused_in_one_line(process: subprocess.Popen, expected: str) -> None:
+    out, err = process.communicate(timeout=600)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert process.returncode == 2, (out[-2000:], err[-3000:])
+    assert len(lines) == 1 and re.search(expected, lines[0]), err[-3000:]
+
+
+@pytest.mark.parametrize("route", ["pipe_shard", "nested_target", "pickle"])
+def test_no_entry_point_runs_what_a_checkpoint_carries(
+    route: str, saved: dict[str, Any], scenes_folder: Path, tmp_path: Path
+) -> None:
+    """caption.py, eval.py, export.py, train.py ckpt_path=, the inference API and the
+    notebooks' way to the data, given each route to code execution: nothing runs, and each
+    says so in one line with exit status 2."""
+    path, marker = write_hostile(saved, route, tmp_path / "ckpt")
+    reason = "refused.*makedirs" if route == "pickle" else "field 'data' is not valid"
+    processes = [
+        run_script("caption.py", "--ckpt", path, scenes_folder, cwd=tmp_path),
+        run_script("eval.py", f"ckpt_path={path}", f"hydra.run.dir={tmp_path}/eval", cwd=tmp_path),
+        run_script("export.py", "--ckpt", path, "--out", tmp_path / "export", cwd=tmp_path),
+        run_script(
+            "train.py",
+            "experiment=shapes_tiny",
+            "data.image_size=[32,48]",
+            f"ckpt_path={path}",
+            f"hydra.run.dir={tmp_path}/train",
+            *QUIET,
+            cwd=tmp_path,
+        ),
+    ]
+    for process in processes:
+        refused_in_one_line(process, f"{re.escape(str(path))}.*{reason}")
+    with pytest.raises(CheckpointError, match=reason):
+        Captioner.from_checkpoint(path)
+    with pytest.raises(CheckpointError, match=reason):
+        load_checkpoint(path).datamodule()  # the notebooks' way to the data
+    assert not marker.exists()
+    assert not (tmp_path / "export").exists()
+
+
+@pytest.mark.parametrize("route", ["pipe_shard", "nested_target"])
+def test_an_export_folder_carrying_code_is_refused(route: str, ckpt: Path, tmp_path: Path) -> None:
+    folder, marker = tmp_path / "export", tmp_path / "code_ran"
+    export(load_checkpoint(ckpt), folder)
+    meta = json.loads((folder / CONFIG_NAME).read_text())
+    meta["data"] = hostile_data(route, marker)
+    (folder / CONFIG_NAME).write_text(json.dumps(meta))
+    evaluation = run_script(
+        "eval.py", f"ckpt_path={folder}", f"hydra.run.dir={tmp_path}/eval", cwd=tmp_path
+    )
+    refused_in_one_line(evaluation, f"{CONFIG_NAME}|{WEIGHTS_NAME}.*field 'data' is not valid")
+    with pytest.raises(CheckpointError, match="data"):
+        Captioner.from_checkpoint(folder)
+    assert not marker.exists()
+
+
+def test_training_never_records_shards_read_through_a_command(tmp_path: Path) -> None:
+    from captioner.data.stored import check_data_config, record_data_config
+
+    recorded = record_data_config(shards_data("pipe:aws s3 cp s3://bucket/test.tar -"))
+    assert recorded["test_shards"] is None and recorded["train_shards"] == "train.tar"
+    check_data_config(recorded)  # what training records is what loading accepts
+    for remote in ("https://host/{0..9}.tar", ["ok.tar", " PIPE:cat x"], "s3://b/x.tar"):
+        with pytest.raises(ValueError, match="data.test_shards: names shards read through"):
+            check_data_config(shards_data(remote))
+
+
+def test_the_only_unsafe_load_is_the_documented_escape_hatch() -> None:
+    """No code path but `load_trusted_pickle` (export.py --trust-pickle) unpickles objects."""
+    unsafe = []
+    for folder in ("captioner", "scripts", "notebooks"):
+        for path in sorted((ROOT / folder).rglob("*")):
+            if path.suffix in (".py", ".ipynb"):
+                text = path.read_text()
+                unsafe += [f"{path.name}: {m}" for m in re.findall(r"weights_only=False", text)]
+                unsafe += [
+                    f"{path.name}: {call}"
+                    for call in re.findall(r"torch\.load\([^)]*\)", text)
+                    if "weights_only=True" not in call and "weights_only=False" not in call
+                ]
+    assert unsafe == ["checkpoint.py: weights_only=False"]
+
+
+def test_the_escape_hatch_exports_a_trusted_pickle_safely(
+    saved: dict[str, Any], tmp_path: Path
+) -> None:
+    marker, path = tmp_path / "ran", tmp_path / "old.ckpt"
+    torch.save({**saved, "hyper_parameters": {"extra": RunsCode(marker)}}, path)
+    with pytest.raises(UnsafeCheckpointError, match="--trust-pickle"):
+        load_checkpoint(path)
+    assert not marker.exists()
+    export(load_trusted_pickle(path), tmp_path / "export")  # the user said they trust it
+    assert marker.exists()
+    assert load_checkpoint(tmp_path / "export").config.to_dict() == saved["captioner"]["config"]
+
+
+@pytest.fixture(scope="module")
+def scenes_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from PIL import Image
+
+    from captioner.data import ShapesWorld
+
+    folder = tmp_path_factory.mktemp("scenes")
+    world = ShapesWorld(image_size=(32, 48), max_objects=2)
+    for i in range(2):
+        Image.fromarray(world.render(world.scene("test", i))).save(folder / f"{i}.png")
+    return folder
+
+
+# --- files that are not usable checkpoints -------------------------------------------------
+
+
+def tampered(saved: dict[str, Any], path: Path, change: Any) -> Path:
+    """`saved` with `change(state)` applied, written to `path`."""
+    state = {**saved, "captioner": json.loads(json.dumps(saved["captioner"]))}
+    state["state_dict"] = dict(saved["state_dict"])
+    change(state)
+    torch.save(state, path)
+    return path
+
+
+def set_weight(name: str, value: torch.Tensor) -> Any:
+    return lambda state: state["state_dict"].__setitem__(f"net.{name}", value)
+
+
+def set_meta(part: str, key: str, value: Any) -> Any:
+    return lambda state: state["captioner"][part].__setitem__(key, value)
+
+
+def test_files_that_are_not_checkpoints_are_named_for_what_they_are(tmp_path: Path) -> None:
+    png = b"\x89PNG\r\n\x1a\n" + bytes(64)
+    cases = {
+        "empty.ckpt": (b"", "not a checkpoint: it is an empty file"),
+        "text.ckpt": (b"hello world\n", "it is a text file"),
+        "config.ckpt": (b'{"config": {}}', "it is JSON text"),
+        "image.ckpt": (png, "it is a PNG image"),
+        "noise.ckpt": (bytes(range(7, 256)) * 3, "binary file of an unknown kind"),
+        "pickle.ckpt": (b"\x80\x02}q\x00X\x01", "not a readable PyTorch checkpoint"),
+        "archive.ckpt": (b"PK\x03\x04" + bytes(40), "not a readable PyTorch checkpoint"),
+    }
+    for name, (content, message) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(CheckpointError, match=rf"{name}: .*{message}") as info:
+            load_checkpoint(tmp_path / name)
+        assert "weights_only=False" not in str(info.value) and "--trust-pickle" not in str(
+            info.value
+        )
+
+
+def test_a_checkpoint_is_checked_before_anything_is_built(
+    saved: dict[str, Any], tmp_path: Path
+) -> None:
+    config = saved["captioner"]["config"]
+    dim, vocab = config["decoder_dim"], config["vocab_size"]
+    cases = {
+        "shape": (set_weight("decoder.norm.weight", torch.ones(dim + 1)), "has shape"),
+        "vocab": (set_meta("config", "vocab_size", vocab + 1), "holds .* words but .*vocab_size"),
+        "huge_vocab": (set_meta("config", "vocab_size", 10**12), "vocab_size"),
+        "max_len": (set_meta("config", "max_len", config["max_len"] + 4), "has shape"),
+        "depth": (set_meta("config", "decoder_depth", 10**7), "decoder_depth is 10000000"),
+        "nan": (set_weight("decoder.norm.bias", torch.full((dim,), math.nan)), "NaN"),
+        "integers": (set_weight("decoder.norm.bias", torch.zeros(dim, dtype=torch.long)), "int64"),
+        "image_size": (set_meta("config", "image_size", ["a", 48]), "'config'.*image_size"),
+        "mlp_ratio": (set_meta("config", "mlp_ratio", math.nan), "mlp_ratio must be a finite"),
+        "itos": (set_meta("tokenizer", "itos", "abc"), "'tokenizer'.*itos"),
+        "std": (set_meta("preprocess", "std", [0.5, 0.0, 0.5]), "'preprocess'.*std"),
+        "size": (set_meta("preprocess", "image_size", [64, 64]), "'preprocess'.*does not match"),
+    }
+    for name, (change, message) in cases.items():
+        path = tampered(saved, tmp_path / f"{name}.ckpt", change)
+        with pytest.raises(CheckpointError, match=rf"{name}\.ckpt: .*{message}"):
+            load_checkpoint(path)
+
+
+def test_export_refuses_weights_that_would_caption_garbage(
+    saved: dict[str, Any], tmp_path: Path
+) -> None:
+    dim = saved["captioner"]["config"]["decoder_dim"]
+    path = tampered(
+        saved, tmp_path / "nan.ckpt", set_weight("decoder.norm.bias", torch.full((dim,), math.inf))
+    )
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "export.py"), "--ckpt", str(path), "--out",
+         str(tmp_path / "out")], capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2 and "NaN or infinite" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_vocabulary_word_cannot_forge_output_lines(saved: dict[str, Any], tmp_path: Path) -> None:
+    words = saved["captioner"]["tokenizer"]["itos"]
+    forged = [*words[:4], "red\nfake.png\tcaption", "\x1b[2J", "\u202eevil", *words[7:]]
+    path = tampered(saved, tmp_path / "forged.ckpt", set_meta("tokenizer", "itos", forged))
+    itos = load_checkpoint(path).tokenizer["itos"]
+    assert itos[4:7] == ["red\\nfake.png\\tcaption", "\\x1b[2J", "\\u202eevil"]
+    assert all(word.isprintable() for word in itos)
+
+
+# Values a forged metadata field may hold: anything JSON or a pickle of plain values can.
+VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=10,
+)
+
+
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.data())
+def test_every_malformed_metadata_field_is_one_named_error(
+    saved: dict[str, Any], data: st.DataObject
+) -> None:
+    """A metadata field replaced or removed, at any depth: the checkpoint loads, or one
+    `CheckpointError` names the file; never another exception."""
+    meta = json.loads(json.dumps(saved["captioner"]))
+    weights = {k.removeprefix("net."): v for k, v in saved["state_dict"].items()}
+    node: Any = meta
+    keys = data.draw(st.lists(st.integers(0, 50), min_size=1, max_size=3))
+    for depth, k in enumerate(keys):
+        if not isinstance(node, dict | list) or not node:
+            break
+        key = sorted(node)[k % len(node)] if isinstance(node, dict) else k % len(node)
+        if depth == len(keys) - 1 or not isinstance(node[key], dict | list):
+            if data.draw(st.booleans()) and isinstance(node, dict):
+                del node[key]
+            else:
+                node[key] = data.draw(VALUES)
+            break
+        node = node[key]
+    try:
+        _contents(meta, weights, Path("fuzzed.ckpt"), "lightning")
+    except CheckpointError as err:
+        assert str(err).startswith("fuzzed.ckpt") and "\n" not in str(err)

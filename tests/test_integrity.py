@@ -12,7 +12,9 @@ from builders import QUIET, TINY_IMAGE_MODEL, write_shards, write_table
 from conftest import compose_train
 
 from captioner.checkpoint import export, load_checkpoint
+from captioner.data.policy import BadSample
 from captioner.data.records import read_table
+from captioner.data.shards import sample_captions
 from captioner.errors import ConfigError, DataError
 from captioner.tasks import evaluate, train, validate_data
 
@@ -144,3 +146,21 @@ def test_a_split_with_nothing_usable_stops_the_run(split: str, tmp_path: Path) -
     with pytest.raises(DataError, match=f"{message}.*unusable and skipped"):
         train(cfg)
     assert not list((tmp_path / "run").rglob("*.ckpt"))
+
+
+def test_a_key_or_column_named_twice_is_an_error_not_last_wins(tmp_path: Path) -> None:
+    (tmp_path / "a.png").write_bytes(b"")
+    jsonl = tmp_path / "dup_key.jsonl"
+    jsonl.write_text('{"image": "a.png", "caption": "a dog", "caption": "a cat"}\n')
+    with pytest.raises(DataError, match=r"dup_key\.jsonl:1: key 'caption' appears twice"):
+        read_table(jsonl, None, "error")
+    table = tmp_path / "dup_column.csv"
+    table.write_text("image,caption,caption\na.png,a dog,a cat\n")
+    with pytest.raises(
+        DataError, match=r"dup_column\.csv:1: column\(s\) \['caption'\] appear twice"
+    ):
+        read_table(table, None, "error")
+    raw = {"__url__": "s.tar", "__key__": "k", "json": b'{"caption": "a", "caption": "b"}'}
+    assert sample_captions(raw) == BadSample(
+        "s.tar/k.json", "duplicate key 'caption' in one object"
+    )

@@ -58,7 +58,9 @@ def load_image(
                 margin = None if at_least is None else 2 * max(at_least)
                 if margin is not None and image.format == "JPEG":
                     image.draft(None, (margin, margin))  # decodes at 1/2, 1/4 or 1/8 scale
-                rgb = to_rgb(ImageOps.exif_transpose(image))
+                image.load()
+                ImageOps.exif_transpose(image, in_place=True)  # no copy of a huge image
+                rgb = to_rgb(image)
                 factor = 1 if margin is None else min(rgb.size) // margin
                 return rgb.reduce(factor) if factor >= 2 else rgb
     except FileNotFoundError:

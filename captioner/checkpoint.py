@@ -33,11 +33,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from captioner.data.datamodule import CaptionDataModule
+from captioner.data.records import loads_unique
 from captioner.data.stored import check_data_config, datamodule_from_record
 from captioner.data.tokenizer import Tokenizer
 from captioner.data.transforms import ImagePreprocess
 from captioner.errors import CheckpointError, ConfigError, UnsafeCheckpointError
 from captioner.models import CaptionerConfig, CaptionerModel
+from captioner.values import is_int, short
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "captioner.json"
@@ -45,6 +47,7 @@ FORMAT_VERSION = 1
 REQUIRED = ("config", "tokenizer", "preprocess")
 TEMPORARY_SUFFIX = ".tmp"  # a checkpoint being written: `.<name>.ckpt.<random>.tmp`
 _PATH_KEYS = ("best_model_path", "last_model_path", "kth_best_model_path")
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _HELP = "use a .ckpt written by scripts/train.py or a folder written by scripts/export.py"
 # Leading bytes of files that get named `.ckpt` by mistake, to say what the file is instead.
 _SIGNATURES = (
@@ -175,8 +178,22 @@ def _check_weights(config: CaptionerConfig, state: Any, source: Path) -> None:
                 f"{source}: field 'config': {stack}_depth is {depth} but the weights hold "
                 f"{len(found)} {stack} blocks; the checkpoint is inconsistent."
             )
-    with torch.device("meta"):
-        model = CaptionerModel(config)
+    for name, tensor in state.items():
+        if tensor.dtype not in WEIGHT_DTYPES or tensor.layout != torch.strided:
+            raise CheckpointError(
+                f"{source}: weight {name} holds {tensor.dtype} values ({tensor.layout}); "
+                f"weights are dense floats ({', '.join(map(str, WEIGHT_DTYPES))})."
+            )
+        if tensor.device.type != "cpu":  # a meta tensor holds no values
+            raise CheckpointError(f"{source}: weight {name} holds no values ({tensor.device}).")
+    try:
+        with torch.device("meta"):
+            model = CaptionerModel(config)
+    except (RuntimeError, TypeError, ValueError, OverflowError) as err:  # sizes beyond int64
+        raise CheckpointError(
+            f"{source}: field 'config' describes a model that cannot be built "
+            f"({_first_line(err)}); the checkpoint is inconsistent."
+        ) from None
     tied = _tied_names(model)
     expected = {k: v for k, v in model.state_dict().items() if k not in tied}
     missing = sorted(set(expected) - set(state))
@@ -192,10 +209,6 @@ def _check_weights(config: CaptionerConfig, state: Any, source: Path) -> None:
             raise CheckpointError(
                 f"{source}: weight {name} has shape {list(tensor.shape)} but the architecture "
                 f"it records needs {list(want.shape)} (field 'config' and the weights disagree)."
-            )
-        if not tensor.is_floating_point():
-            raise CheckpointError(
-                f"{source}: weight {name} holds {tensor.dtype} values; weights are floats."
             )
         if not bool(torch.isfinite(tensor).all()):
             raise CheckpointError(
@@ -295,15 +308,19 @@ def _load_export(weights: Path) -> CheckpointContents:
             raise CheckpointError(
                 f"{needed}: missing; an export folder holds {WEIGHTS_NAME} and {CONFIG_NAME}."
             )
-    try:
-        meta = json.loads(config.read_text(encoding="utf-8"))
+    try:  # a key named twice is refused, not read last-wins
+        meta = loads_unique(config.read_text(encoding="utf-8"))
     except (ValueError, RecursionError) as err:  # invalid JSON or UTF-8, huge numbers, depth
         raise CheckpointError(f"{config}: not valid JSON ({_first_line(err)}).") from None
-    version = meta.get("format_version") if isinstance(meta, dict) else None
-    if isinstance(version, int) and version > FORMAT_VERSION:
+    version = meta.get("format_version") if isinstance(meta, dict) else FORMAT_VERSION
+    if is_int(version) and version > FORMAT_VERSION:
         raise CheckpointError(
             f"{config}: format_version {version} was written by a newer captioner (this one "
             f"reads {FORMAT_VERSION}): upgrade captioner."
+        )
+    if version != FORMAT_VERSION or not is_int(version):
+        raise CheckpointError(
+            f"{config}: field 'format_version' must be {FORMAT_VERSION}, got {short(version)}."
         )
     try:
         state = load_file(weights, device="cpu")
@@ -349,15 +366,16 @@ def _head(path: Path) -> bytes:
 def export(contents: CheckpointContents, out_dir: str | Path) -> tuple[Path, Path]:
     """Write `model.safetensors` and `captioner.json` into `out_dir`; returns their paths."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(f"--out {out_dir}: exists and is not a folder; name a folder.")
     model = contents.build_model()
     tied = _tied_names(model)
     state = {k: v.contiguous() for k, v in model.state_dict().items() if k not in tied}
-    out_dir.mkdir(parents=True, exist_ok=True)
     weights, config = out_dir / WEIGHTS_NAME, out_dir / CONFIG_NAME
-    save_file(state, weights, metadata={"format": "pt"})
-    config.write_text(json.dumps(contents.metadata(), indent=2) + "\n")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_file(state, weights, metadata={"format": "pt"})
+        config.write_text(json.dumps(contents.metadata(), indent=2) + "\n")
+    except (OSError, SafetensorError) as err:
+        raise ConfigError(f"{out_dir}: the export cannot be written there ({err}).") from None
     return weights, config
 
 
@@ -414,28 +432,40 @@ class SafeCheckpointIO(TorchCheckpointIO):
 
 
 def _check_callback_paths(checkpoint: dict[str, Any], source: Path) -> None:
-    """Lightning's ModelCheckpoint restores the paths its state records and later deletes
-    them, through fsspec when they name another file system: each must be a local path inside
-    the recorded folder."""
-    for name, state in (checkpoint.get("callbacks") or {}).items():
-        if not isinstance(state, dict) or "dirpath" not in state:
-            continue
-        folder = state["dirpath"]
-        paths = [state.get(key) for key in _PATH_KEYS] + list(state.get("best_k_models") or {})
-        for recorded in paths:
-            if recorded in (None, ""):
-                continue
-            inside = (
-                isinstance(folder, str)
-                and isinstance(recorded, str)
-                and "://" not in recorded
-                and Path(folder) in Path(os.path.normpath(recorded)).parents
+    """Lightning's ModelCheckpoint restores the paths its state records when the state's
+    `dirpath` (its own, when none is recorded) is its folder, and later deletes them, through
+    fsspec when they name another file system: a state that records a path must record its
+    folder, and each path must be a local file inside it."""
+    callbacks = checkpoint.get("callbacks", {})
+    if not isinstance(callbacks, dict):
+        raise CheckpointError(f"{source}: its callback states are not a mapping.")
+    for name, state in callbacks.items():
+        if not isinstance(state, dict):
+            raise CheckpointError(
+                f"{source}: the state of callback {short(name)} is not a mapping."
             )
-            if not inside:
+        best = state.get("best_k_models") or {}
+        if not isinstance(best, dict):
+            raise CheckpointError(
+                f"{source}: callback {short(name)}: best_k_models is not a mapping."
+            )
+        paths = [state.get(key) for key in _PATH_KEYS] + list(best)
+        folder = state.get("dirpath")
+        for path in paths:
+            if path is None or path == "":  # nothing recorded
+                continue
+            if not (isinstance(folder, str) and isinstance(path, str) and _inside(path, folder)):
                 raise CheckpointError(
-                    f"{source}: the state of callback {str(name)!r:.80} names {recorded!r:.80}, "
-                    "outside its checkpoint folder; the file was not written by training as is."
+                    f"{source}: the state of callback {short(name)} names {short(path)} outside "
+                    f"its checkpoint folder {short(folder)}; the file was not written by training "
+                    "as it is."
                 )
+
+
+def _inside(path: str, folder: str) -> bool:
+    """`path` is a local file below `folder` (no fsspec protocol: `s3://`, `local://`, `a::b`)."""
+    local = all("://" not in p and "::" not in p for p in (path, folder))
+    return local and Path(folder) in Path(os.path.normpath(path)).parents
 
 
 def remove_stale_temporaries(folder: Path) -> list[Path]:

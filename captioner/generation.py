@@ -59,7 +59,11 @@ class DecodingOptions:
                 "temperature",
                 "a finite number > 0 (use do_sample=false for greedy)",
             ),
-            (_finite(self.length_penalty), "length_penalty", "a finite number"),
+            (
+                _finite(self.length_penalty) and abs(self.length_penalty) <= 100,
+                "length_penalty",
+                "a number in [-100, 100]",
+            ),
             (
                 self.early_stopping in (True, False, "never"),
                 "early_stopping",
@@ -186,14 +190,19 @@ def _pick(
     distribution (temperature, then top-k, then top-p)."""
     if not options.do_sample:
         return scores.argmax(dim=-1)
-    logits = scores / options.temperature
+    # The best word shifted to 0, the rest below it, then scaled by 1 / temperature kept
+    # within [1e-30, 1e30]: beyond that sampling is greedy (or uniform) already, and a float32
+    # scale of 0 or infinity would turn the excluded words' -inf (or the best word's 0) to NaN.
+    scale = min(max(1.0 / options.temperature, 1e-30), 1e30)
+    logits = (scores - scores.max(dim=-1, keepdim=True).values) * scale
     if 0 < options.top_k < logits.shape[-1]:
         kth = logits.topk(options.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if options.top_p < 1.0:
         ordered, order = logits.sort(dim=-1, descending=True)
         probs = ordered.softmax(dim=-1)
-        outside = probs.cumsum(dim=-1) - probs >= options.top_p  # the most likely always stays
+        outside = probs.cumsum(dim=-1) - probs >= options.top_p
+        outside[:, 0] = False  # the most likely always stays (a top_p below float32's range)
         logits = logits.scatter(-1, order, ordered.masked_fill(outside, float("-inf")))
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
 

@@ -122,6 +122,8 @@ class Captioner:
             raise ConfigError(f"unknown decoding option: {err}") from None
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}.")
+        if seed is not None and not 0 <= seed < 2**63:
+            raise ConfigError(f"seed must be in [0, 2**63), got {seed}.")
         items = _as_list(images)
         generator = None if seed is None else torch.Generator(self.device).manual_seed(seed)
         results: list[Caption] = []
@@ -242,8 +244,10 @@ def usable_device(device: str | torch.device) -> torch.device:
         raise ConfigError(
             f"device {device!r:.40} is not a device name; expected cpu, cuda, cuda:N or mps."
         ) from None
-    backends = {"cuda": torch.cuda, "mps": torch.backends.mps}
-    if resolved.type in backends and not backends[resolved.type].is_available():
+    backends = {"cpu": torch.cpu, "cuda": torch.cuda, "mps": torch.backends.mps}
+    if resolved.type not in backends:
+        raise ConfigError(f"device {device}: captioner runs on cpu, cuda or mps.")
+    if not backends[resolved.type].is_available():
         raise ConfigError(f"device {device}: this machine has no {resolved.type}; use cpu.")
     if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
         raise ConfigError(

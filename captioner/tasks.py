@@ -19,7 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -30,7 +30,7 @@ from captioner.checkpoint import CheckpointContents, load_checkpoint, remove_sta
 from captioner.data import ImagePreprocess, Tokenizer, split_words
 from captioner.data.policy import BAD, BadSample
 from captioner.data.stored import record_data_config
-from captioner.errors import ConfigError, DataError, Preempted
+from captioner.errors import CheckpointError, ConfigError, DataError, Preempted, TrainingError
 from captioner.lit_module import CaptionerLitModule
 from captioner.models import CaptionerConfig
 
@@ -138,7 +138,12 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
                 for stale in remove_stale_temporaries(folder):
                     log.warning("removed %s, left by a checkpoint write that was killed", stale)
         start = time.perf_counter()
-        with _sigterm_reported("before the first training step; nothing was saved"):
+        started = _TrainingStarted()
+        trainer.callbacks.append(started)
+        with (
+            _sigterm_reported("before the first training step; nothing was saved"),
+            _restore_errors(ckpt_path, started),
+        ):
             trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         fit_seconds = time.perf_counter() - start
 
@@ -238,6 +243,34 @@ def _check_run_folders(folders: list[Path], ckpt_path: Path | None) -> None:
             )
 
 
+class _TrainingStarted(Callback):
+    """Whether `fit` got past restoring its checkpoint: `on_train_start` runs after it."""
+
+    started = False
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.started = True
+
+
+@contextmanager
+def _restore_errors(ckpt_path: Path | None, progress: _TrainingStarted) -> Iterator[None]:
+    """Lightning restores optimizer, loop and callback states from the checkpoint as they are:
+    a damaged or forged one fails inside it. Such a failure, before training starts, is named
+    as the checkpoint's."""
+    try:
+        yield
+    except (ConfigError, DataError, CheckpointError, TrainingError):
+        raise
+    except Exception as err:
+        if ckpt_path is None or progress.started:
+            raise
+        line = next(iter(str(err).splitlines()), "")
+        raise CheckpointError(
+            f"{ckpt_path}: training could not be restored from it ({type(err).__name__}: "
+            f"{line[:200]}); the file is damaged, or was written by other code."
+        ) from None
+
+
 @contextmanager
 def _sigterm_reported(when: str) -> Iterator[None]:
     """Lightning ends a SIGTERMed process with status 0: report it as `Preempted` instead."""
@@ -281,9 +314,9 @@ def _eval_datamodule(cfg: DictConfig, contents: CheckpointContents) -> Any:
     model = {"image_size": list(contents.config.image_size), "max_len": contents.config.max_len}
     if cfg.get("data") is None:
         return contents.datamodule(**model)
-    node = OmegaConf.create(OmegaConf.to_container(cfg.data))  # detached from the eval config
-    node.merge_with(model)
-    return _instantiate(node)
+    with open_dict(cfg):  # in place, so interpolations (${paths.root_dir}) still resolve
+        cfg.data.merge_with(model)
+    return _instantiate(cfg.data)
 
 
 def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
@@ -329,7 +362,8 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     prediction_paths = {}
     for split, captions in model.predictions.items():  # every image, on rank 0 only
         name = "predictions.json" if split == "test" else f"predictions_{split}.json"
-        results = [{"image_id": k, "caption": captions[k]} for k in sorted(captions)]
+        ordered = sorted(captions, key=lambda k: (isinstance(k, str), k))  # ints, then names
+        results = [{"image_id": k, "caption": captions[k]} for k in ordered]
         prediction_paths[split] = _write_json(cfg, name, results, trainer)
     metrics_path = _write_json(cfg, "metrics.json", dict(sorted(metrics.items())), trainer)
     objects = {

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -56,6 +57,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    try:
+        return caption(args)
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as other tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        return 1
+    except OSError as err:  # the output cannot be written (a full disk, ...)
+        print(f"error: {escape(str(err))}", file=sys.stderr)
+        return 2
+
+
+def caption(args: argparse.Namespace) -> int:
     sys.stdout.reconfigure(errors="backslashreplace")  # a terminal that is not UTF-8
     files = find_images(args.inputs)
     if not files:
@@ -96,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             if figures is not None:
                 try:
                     figures.save(path, image, result, captioner.model.encoder.num_prefix_tokens)
-                except OSError as err:
+                except Exception as err:  # one image's figures never stop the run
                     print(f"error: {name}: figures not saved ({escape(str(err))})", file=sys.stderr)
                     failed += 1
     if args.json:

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from conftest import tiny_config
@@ -129,6 +130,9 @@ def call_main(*argv: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]
         (["--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
         (["--batch-size", "-1"], "argument --batch-size: must be >= 1, got -1"),
         (["--top-k", "x"], "argument --top-k: invalid integer value"),
+        (["--device", "meta"], "device meta: captioner runs on cpu, cuda or mps"),
+        (["--length-penalty", "1e308"], "decoding.length_penalty must be a number in [-100"),
+        (["--sample", "--seed", str(2**70)], "seed must be in [0, 2**63)"),
     ],
 )
 def test_wrong_options_are_one_line_errors(
@@ -174,3 +178,38 @@ def test_a_huge_image_is_shrunk_while_decoded(fmt: str, tmp_path: Path) -> None:
     buffer = io.BytesIO()
     scene(1).save(buffer, format=fmt)
     assert load_image(buffer.getvalue(), at_least=(32, 48)).size == (48, 32)  # small: as is
+
+
+def test_sampling_survives_any_temperature_and_nucleus(ckpt: Path) -> None:
+    """A temperature near zero is greedy, a huge one is uniform, a nucleus of almost nothing
+    keeps the likeliest word: none divides its way to NaN."""
+    captioner = Captioner.from_checkpoint(ckpt)
+    greedy = captioner.caption(scene(0), beam_size=1)[0].tokens
+    for options in ({"temperature": 1e-300}, {"top_p": 1e-300}):
+        sampled = captioner.caption(scene(0), do_sample=True, seed=0, **options)[0]
+        assert sampled.tokens == greedy
+    assert captioner.caption(scene(0), do_sample=True, temperature=1e300, seed=0)[0].tokens
+
+
+def test_figures_of_a_thin_strip_stay_small(tmp_path: Path) -> None:
+    """A 1 x 4000 image is not blown up until its short side is 256 pixels."""
+    from captioner.viz import save_gif
+
+    attention = torch.rand(1, 1, 2, 4, 6)  # (layers, heads, words, grid)
+    path = save_gif(tmp_path / "strip.gif", np.zeros((1, 4000, 3), np.uint8), attention, ["a", "b"])
+    with Image.open(path) as gif:  # enlarged 256 times it would be 1,024,000 pixels wide
+        assert gif.size[0] == 4000 and gif.size[1] < 1000
+
+
+def test_a_reader_that_goes_away_ends_the_run_quietly(ckpt: Path, tmp_path: Path) -> None:
+    for i in range(3):
+        scene(i).save(tmp_path / f"{i}.png")
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "scripts" / "caption.py"), "--ckpt", str(ckpt),
+         "--batch-size", "1", str(tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert process.stdout.readline().count("\t") == 1  # like `| head -1`
+    process.stdout.close()
+    err = process.stderr.read()
+    assert process.wait(timeout=300) in (0, 1) and "Traceback" not in err, err

@@ -3,19 +3,22 @@ run's checkpoints, and a split with nothing usable in it stops the run in one li
 
 from __future__ import annotations
 
+import copy
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from builders import QUIET, TINY_IMAGE_MODEL, write_shards, write_table
+from builders import QUIET, TINY_IMAGE_MODEL, write_coco, write_shards, write_table
 from conftest import compose_train
+from omegaconf import DictConfig
 
 from captioner.checkpoint import export, load_checkpoint
 from captioner.data.policy import BadSample
-from captioner.data.records import read_table
+from captioner.data.records import read_coco, read_table
 from captioner.data.shards import sample_captions
-from captioner.errors import ConfigError, DataError
+from captioner.errors import CheckpointError, ConfigError, DataError
 from captioner.tasks import evaluate, train, validate_data
 
 TINY_RUN = (
@@ -50,6 +53,22 @@ def test_two_images_under_one_id_are_an_error(tmp_path: Path) -> None:
         validate_data(cfg)
 
 
+def test_one_image_is_one_record_however_its_path_is_written(tmp_path: Path) -> None:
+    paths = write_coco(tmp_path / "coco")
+    spellings = (("pics/a.png", "a"), ("./pics/a.png", "b"))
+    rows = [{"image": name, "caption": caption} for name, caption in spellings]
+    table = tmp_path / "coco" / "same.jsonl"
+    (tmp_path / "coco" / "pics").mkdir()
+    table.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (record,), _ = read_table(table, None, "error")
+    assert record.captions == ("a", "b") and record.image_id == "pics/a.png"
+    coco = json.loads(paths["test_json"].read_text())
+    coco["images"].append({**coco["images"][0], "id": 999})  # the same file under a new id
+    paths["test_json"].write_text(json.dumps(coco))
+    with pytest.raises(DataError, match="is listed again \\(id 999\\), first at"):
+        read_coco(paths["test_json"], paths["image_dir"], "skip")
+
+
 def test_shards_that_reuse_a_key_are_scored_once_each_or_refused(
     trained_run: Path, tmp_path: Path
 ) -> None:
@@ -73,6 +92,27 @@ def test_shards_that_reuse_a_key_are_scored_once_each_or_refused(
     )  # fmt: skip
     _, objects = evaluate(cfg)
     assert len(objects["model"].predictions["test"]) == 2
+
+
+def test_ids_of_both_kinds_are_written_and_data_keys_may_refer_to_paths(
+    trained_run: Path, tmp_path: Path
+) -> None:
+    """One image under an integer id, one under its path: both in predictions.json (ints
+    first); and a `data.` key given as `${paths...}` resolves as in training."""
+    paths = write_table(tmp_path)
+    rows = [json.loads(line) for line in paths["test_file"].read_text().splitlines()][:2]
+    (tmp_path / "eval").mkdir()
+    mixed = [json.dumps({**rows[0], "id": 7}), json.dumps(rows[1])]
+    (tmp_path / "eval" / "mixed.jsonl").write_text("\n".join(mixed) + "\n")
+    cfg = compose_train(
+        f"ckpt_path={trained_run}/checkpoints/last.ckpt", "data=jsonl",
+        f"data.train_file={paths['train_file']}", f"data.val_file={paths['val_file']}",
+        "data.test_file=${paths.output_dir}/mixed.jsonl", f"data.image_root={tmp_path}",
+        "data.num_workers=0", output_dir=tmp_path / "eval", config_name="eval",
+    )  # fmt: skip
+    evaluate(cfg)
+    predictions = json.loads((tmp_path / "eval" / "predictions.json").read_text())
+    assert [p["image_id"] for p in predictions] == [7, rows[1]["image"]]
 
 
 def test_a_run_folder_with_checkpoints_is_not_trained_over(tmp_path: Path) -> None:
@@ -124,6 +164,50 @@ def test_resuming_needs_the_architecture_and_batches_it_was_trained_with(tmp_pat
     exported = compose_train(*TINY_RUN, f"ckpt_path={weights}", output_dir=tmp_path / "c")
     with pytest.raises(ConfigError, match="an export holds the weights only"):
         train(exported)
+
+
+def test_a_resumed_run_trains_on_what_its_checkpoint_says_or_stops(tmp_path: Path) -> None:
+    """A training split that is not the checkpoint's, a place in the data beyond an epoch, or
+    a damaged or forged training state: one line before any training, never a run that
+    trains on nothing (or the wrong data) and succeeds."""
+    with pytest.raises(ConfigError, match="has 4 samples: less than one batch of data.batch_s"):
+        train(compose_train(*TINY_RUN, "data.num_train=4", output_dir=tmp_path / "small"))
+    train(compose_train(*TINY_RUN, output_dir=tmp_path / "run"))
+    saved = torch.load(tmp_path / "run/checkpoints/last.ckpt", weights_only=True)
+    more = compose_train(
+        *TINY_RUN, "data.num_train=24", f"ckpt_path={tmp_path}/run/checkpoints/last.ckpt",
+        output_dir=tmp_path / "more",
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match="trained on 16 training samples, this run has 24"):
+        train(more)
+
+    def forged(name: str, change: Callable[[dict], None]) -> DictConfig:
+        state = copy.deepcopy(saved)
+        change(state)
+        torch.save(state, tmp_path / f"{name}.ckpt")
+        run = (f"ckpt_path={tmp_path}/{name}.ckpt", "trainer.max_epochs=3")
+        return compose_train(*TINY_RUN, *run, output_dir=tmp_path / name)
+
+    position = saved["ShapesDataModule"]
+    cases = {
+        "far": (lambda s: s["ShapesDataModule"].update(batches=10**6), ConfigError, "batches into"),
+        "negative": (lambda s: s["ShapesDataModule"].update(batches=-3), CheckpointError, "place"),
+        "seed": (lambda s: s["ShapesDataModule"].update(seed="abc"), CheckpointError, "place"),
+        "optimizer": (
+            lambda s: s["optimizer_states"][0].update(param_groups=[]),
+            CheckpointError,
+            r"optimizer.ckpt: training could not be restored from it \(ValueError",
+        ),
+        "loops": (
+            lambda s: s["loops"]["fit_loop"].update(epoch_progress="x"),
+            CheckpointError,
+            "loops.ckpt: training could not be restored",
+        ),
+    }
+    for name, (change, error, message) in cases.items():
+        with pytest.raises(error, match=message):
+            train(forged(name, change))
+    assert saved["ShapesDataModule"] == position
 
 
 def corrupt_images(folder: Path, split: str) -> None:

@@ -21,12 +21,13 @@ from hypothesis import strategies as st
 from captioner.checkpoint import (
     CONFIG_NAME,
     WEIGHTS_NAME,
+    SafeCheckpointIO,
     _contents,
     export,
     load_checkpoint,
     load_trusted_pickle,
 )
-from captioner.errors import CheckpointError, UnsafeCheckpointError
+from captioner.errors import CheckpointError, ConfigError, UnsafeCheckpointError
 from captioner.inference import Captioner
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -153,9 +154,13 @@ def test_training_never_records_shards_read_through_a_command(tmp_path: Path) ->
     recorded = record_data_config(shards_data("pipe:aws s3 cp s3://bucket/test.tar -"))
     assert recorded["test_shards"] is None and recorded["train_shards"] == "train.tar"
     check_data_config(recorded)  # what training records is what loading accepts
-    for remote in ("https://host/{0..9}.tar", ["ok.tar", " PIPE:cat x"], "s3://b/x.tar"):
-        with pytest.raises(ValueError, match="data.test_shards: names shards read through"):
+    hidden = ["pip{e,e}:touch x", "{pipe:touch x,a.tar}", "http:/{/,/}host/a.tar", "-"]
+    for remote in ("https://host/{0..9}.tar", ["ok.tar", " PIPE:cat x"], "s3://b/x.tar", *hidden):
+        with pytest.raises(ValueError, match="data.test_shards: .* may name shards read through"):
             check_data_config(shards_data(remote))
+        assert record_data_config(shards_data(remote))["test_shards"] is None
+    with pytest.raises(ValueError, match="names over 1,000,000 shards"):
+        check_data_config(shards_data("{0..9}{0..9}{0..9}{0..9}{0..9}{0..9}{0..9}.tar"))
 
 
 def test_the_only_unsafe_load_is_the_documented_escape_hatch() -> None:
@@ -258,11 +263,81 @@ def test_a_checkpoint_is_checked_before_anything_is_built(
         "itos": (set_meta("tokenizer", "itos", "abc"), "'tokenizer'.*itos"),
         "std": (set_meta("preprocess", "std", [0.5, 0.0, 0.5]), "'preprocess'.*std"),
         "size": (set_meta("preprocess", "image_size", [64, 64]), "'preprocess'.*does not match"),
+        "wide": (set_meta("config", "encoder_dim", 2**62), "cannot be built"),
+        "wider": (set_meta("config", "encoder_dim", 2**70), "cannot be built"),
+        "mlp": (set_meta("config", "mlp_ratio", 1e300), "cannot be built"),
+        "mean": (set_meta("preprocess", "mean", [10**400, 0.5, 0.5]), "'preprocess'.*mean"),
+        "tiny_std": (set_meta("preprocess", "std", [1e-320] * 3), "'preprocess'.*std"),
+        "float8": (
+            set_weight("decoder.norm.bias", torch.zeros(dim, dtype=torch.float8_e4m3fn)),
+            "float8_e4m3fn",
+        ),
+        "sparse": (set_weight("decoder.norm.bias", torch.zeros(dim).to_sparse()), "sparse"),
+        "meta": (set_weight("decoder.norm.bias", torch.zeros(dim, device="meta")), "no values"),
     }
     for name, (change, message) in cases.items():
         path = tampered(saved, tmp_path / f"{name}.ckpt", change)
         with pytest.raises(CheckpointError, match=rf"{name}\.ckpt: .*{message}"):
             load_checkpoint(path)
+    deep: Any = [32, 48]
+    for _ in range(5000):
+        deep = [deep]
+    for part, key in (("preprocess", "image_size"), ("config", "image_size"), ("data", "seed")):
+        meta = json.loads(json.dumps(saved["captioner"]))
+        meta[part][key] = deep
+        with pytest.raises(CheckpointError, match=rf"deep.ckpt: field '{part}'"):
+            _contents(meta, weights_of(saved), Path("deep.ckpt"), "lightning")
+
+
+def weights_of(saved: dict[str, Any]) -> dict[str, torch.Tensor]:
+    return {k.removeprefix("net."): v for k, v in saved["state_dict"].items()}
+
+
+def test_an_export_is_checked_as_a_checkpoint_is(ckpt: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "export"
+    export(load_checkpoint(ckpt), folder)
+    text = (folder / CONFIG_NAME).read_text()
+    version = '"format_version": 1'
+    cases = [
+        (version, '"format_version": 2', "newer captioner"),
+        (version, '"format_version": "99"', "must be 1"),
+        (version, '"format_version": true', "must be 1"),
+        ("{\n  " + version, '{"config": 1, ' + version, "duplicate key 'config'"),
+        ('"mean": [', '"mean": [' + "9" * 400 + ", ", "'preprocess'"),
+    ]
+    for old, new, message in cases:
+        (folder / CONFIG_NAME).write_text(text.replace(old, new))
+        with pytest.raises(CheckpointError, match=message):
+            load_checkpoint(folder)
+    (folder / CONFIG_NAME).write_text(text)
+    with pytest.raises(ConfigError, match="cannot be written there"):
+        export(load_checkpoint(folder), folder / CONFIG_NAME / "sub")  # a file in the way
+
+
+def test_lightning_never_restores_paths_outside_the_checkpoint_folder(
+    saved: dict[str, Any], tmp_path: Path
+) -> None:
+    """ModelCheckpoint deletes the files its restored state records; it restores a state
+    without `dirpath` as its own, and deletes through fsspec what names a protocol."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    name = next(k for k in saved["callbacks"] if "val/CIDEr" in k)
+    folder = saved["callbacks"][name]["dirpath"]
+    forged = {
+        "no_folder": {"best_model_path": f"local://{victim}"},
+        "protocol": {"dirpath": folder, "best_model_path": f"local://{folder}/x.ckpt"},
+        "outside": {"dirpath": folder, "best_k_models": {f"{folder}/../../victim": 1.0}},
+        "malformed": 7,
+    }
+    for case, state in forged.items():
+        path = tmp_path / f"{case}.ckpt"
+        torch.save({**saved, "callbacks": {**saved["callbacks"], name: state}}, path)
+        with pytest.raises(CheckpointError, match=f"{case}.ckpt: the state of callback"):
+            SafeCheckpointIO().load_checkpoint(path)
+    untouched = tmp_path / "untouched.ckpt"
+    torch.save(saved, untouched)
+    SafeCheckpointIO().load_checkpoint(untouched)  # what training writes is accepted
+    assert victim.is_dir()
 
 
 def test_export_refuses_weights_that_would_caption_garbage(
@@ -309,7 +384,7 @@ def test_every_malformed_metadata_field_is_one_named_error(
     """A metadata field replaced or removed, at any depth: the checkpoint loads, or one
     `CheckpointError` names the file; never another exception."""
     meta = json.loads(json.dumps(saved["captioner"]))
-    weights = {k.removeprefix("net."): v for k, v in saved["state_dict"].items()}
+    weights = weights_of(saved)
     node: Any = meta
     keys = data.draw(st.lists(st.integers(0, 50), min_size=1, max_size=3))
     for depth, k in enumerate(keys):

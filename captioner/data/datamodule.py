@@ -12,7 +12,7 @@ from lightning import LightningDataModule
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.strategies import FSDPStrategy
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, Sampler
 
 from captioner.data.collate import CaptionCollator
 from captioner.data.policy import BadSampleLog
@@ -20,8 +20,9 @@ from captioner.data.shapes import ShapesDataset, ShapesWorld
 from captioner.data.tokenizer import Tokenizer
 from captioner.data.transforms import ImagePreprocess, TrainAugment, image_size_pair
 from captioner.data.vocab_cache import cached_tokenizer
-from captioner.errors import ConfigError
+from captioner.errors import CheckpointError, ConfigError
 from captioner.seeding import mix_seed
+from captioner.values import is_int, short
 
 
 class EpochShuffle(DistributedSampler):
@@ -73,6 +74,18 @@ class SeededSamples(Dataset):
         return seeded_sample(mix_seed(self.seed, epoch, index), lambda: self.dataset[index])
 
 
+def _check_position(state: Any) -> None:
+    """A recorded place in the data holds non-negative integers (the seed: any 64-bit one)."""
+    keys = ("epoch", "batches", "batch_size", "world_size", "samples")
+    valid = isinstance(state, dict) and is_int(state.get("seed")) and abs(state["seed"]) < 2**64
+    valid = valid and all(is_int(state.get(k, 0)) and state.get(k, 0) >= 0 for k in keys)
+    if not valid or not all(k in state for k in keys[:2]):
+        raise CheckpointError(
+            f"the checkpoint's place in the data ({short(state)}) is not valid: the file is "
+            "damaged or was not written by scripts/train.py."
+        )
+
+
 def seeded_sample(seed: int, read: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """`read()` with torch's generator seeded by `seed` (its augmentation), plus one draw
     under "draw" (which reference caption it trains on), the caller's generator untouched."""
@@ -121,6 +134,7 @@ class CaptionDataModule(LightningDataModule):
         # the run's seed (as `seed_everything` left it), for the training order and draws
         self.run_seed = torch.initial_seed()
         self._resume: tuple[int, int] | None = None  # (epoch, batches done) from a checkpoint
+        self._resume_samples: int | None = None  # the training split size it records
 
     def split_names(self) -> list[str]:
         """The splits this config names, without reading any data."""
@@ -214,7 +228,8 @@ class CaptionDataModule(LightningDataModule):
     def state_dict(self) -> dict[str, int]:
         """Where training is in its data, kept in every checkpoint: the run's seed, the epoch
         and the batches of it already trained on, so a resumed run goes on from the next batch
-        of the same order; and the batch size and process count those batches are counted in."""
+        of the same order; and the batch size, process count and training split size those
+        batches are counted in."""
         if self.trainer is None:
             return {}
         batches = self.trainer.fit_loop.epoch_loop.batch_progress
@@ -222,6 +237,9 @@ class CaptionDataModule(LightningDataModule):
             "seed": self.run_seed, "epoch": self.trainer.current_epoch,
             "batch_size": self.batch_size, "world_size": self.trainer.world_size,
         }  # fmt: skip
+        train = self._datasets.get("train")
+        if train is not None and not isinstance(train, IterableDataset):
+            state["samples"] = len(train)  # type: ignore[arg-type]
         if batches.is_last_batch:  # the epoch is over: the next one starts from its beginning
             return state | {"epoch": state["epoch"] + 1, "batches": 0}
         return state | {"batches": batches.current.ready}
@@ -230,9 +248,11 @@ class CaptionDataModule(LightningDataModule):
         """Resuming training (not validating or testing a checkpoint): the checkpoint's seed
         and place in the data, whatever `seed=` this run was given."""
         if state_dict and self.trainer is not None and self.trainer.state.fn == "fit":
+            _check_position(state_dict)
             self._check_same_batches(state_dict)
             self.run_seed = state_dict["seed"]
             self._resume = state_dict["epoch"], state_dict["batches"]
+            self._resume_samples = state_dict.get("samples")
             fit_loop = self.trainer.fit_loop
             if fit_loop._combined_loader is not None:
                 # built before this restore (FSDP and DeepSpeed restore after setup, where the
@@ -254,6 +274,28 @@ class CaptionDataModule(LightningDataModule):
                     "schedule are counted in those batches), or start a new run."
                 )
 
+    def check_training_split(self, samples: int | None, per_epoch: int | None, skip: int) -> None:
+        """The training split as the checkpoint being resumed saw it (`samples` of them, if
+        known), at least one batch an epoch, and the batches to skip fewer than an epoch:
+        otherwise a run would train on nothing, or skip or repeat data, and still succeed."""
+        recorded, self._resume_samples = self._resume_samples, None
+        if samples is not None and recorded is not None and samples != recorded:
+            raise ConfigError(
+                f"the checkpoint was trained on {recorded} training samples, this run has "
+                f"{samples}: its place in the data is counted in that split; resume with the "
+                "same training data, or start a new run."
+            )
+        if per_epoch == 0:
+            raise ConfigError(
+                f"the training split has {samples} samples: less than one batch of "
+                f"data.batch_size={self.batch_size} for each process; lower data.batch_size."
+            )
+        if per_epoch is not None and skip >= per_epoch:
+            raise ConfigError(
+                f"the checkpoint is {skip} batches into its epoch, but an epoch of this "
+                f"training data has {per_epoch}: resume with the data it was trained on."
+            )
+
     def training_position(self) -> tuple[int, int]:
         """(epoch, batches to skip) for the train loader being built: a checkpoint's position
         once, after resuming, else the start of the current epoch."""
@@ -267,11 +309,13 @@ class CaptionDataModule(LightningDataModule):
         if train:
             epoch, batches = self.training_position()
             trainer = self.trainer
+            world_size = trainer.world_size if trainer else 1
+            per_epoch = len(dataset) // world_size // self.batch_size  # type: ignore[arg-type]
+            self.check_training_split(len(dataset), per_epoch, batches)  # type: ignore[arg-type]
             dataset = SeededSamples(dataset, self.run_seed)
             sampler: Sampler | None = EpochShuffle(
                 len(dataset), self.run_seed, epoch, skip=batches * self.batch_size,
-                rank=trainer.global_rank if trainer else 0,
-                world_size=trainer.world_size if trainer else 1,
+                rank=trainer.global_rank if trainer else 0, world_size=world_size,
             )  # fmt: skip
         else:
             sampler = self.eval_sampler(split)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -178,7 +179,8 @@ def read_table(
     """Your own data: `.jsonl` lines `{"image", "caption": str | [str, ...], "id"?}` or a `.csv`
     / `.tsv` with `image` and `caption` columns (optional `id`). Rows naming the same image
     (as written) merge into one record; relative paths resolve against `image_root`, or the
-    annotation file's folder when it is None."""
+    annotation file's folder when it is None. Paths are normalised first (`./a.png` is
+    `a.png`), so one image is one record whichever way it is written."""
     check_policy(policy)
     suffix = Path(path).suffix.lower()
     if suffix != ".jsonl" and suffix not in _TABLE_DELIMITERS:
@@ -193,6 +195,7 @@ def read_table(
     for where, image, image_id, captions in rows:
         if not image.strip():
             raise DataError(f"{where}: expected an image path, got an empty string.")
+        image = os.path.normpath(image)  # `./a.png` is `a.png`: one image, one record
         image_id = image if image_id is None else image_id
         # An absolute `image` replaces `root` when joined.
         entry = entries.setdefault(image, _Entry(root / image, image_id, str(where)))
@@ -213,12 +216,20 @@ def _finish(entries: Iterable[_Entry], policy: str) -> tuple[list[Record], list[
     image under its id, so one of them would silently go unscored."""
     records, bad = [], []
     ids: dict[int | str, _Entry] = {}
+    files: dict[str, _Entry] = {}
     for entry in entries:
         first = ids.setdefault(entry.image_id, entry)
         if first is not entry:
             raise DataError(
                 f"{entry.source}: image {entry.path} has id {entry.image_id!r}, already the id "
                 f"of image {first.path} at {first.source}; expected one id per image."
+            )
+        first = files.setdefault(os.path.normpath(entry.path), entry)
+        if first is not entry:
+            raise DataError(
+                f"{entry.source}: image {entry.path} is listed again (id {entry.image_id!r}), "
+                f"first at {first.source} (id {first.image_id!r}); expected each image once, "
+                "or it is scored twice."
             )
         captions = []
         for text, source in entry.captions:

@@ -47,7 +47,10 @@ REMOTE_PREFIXES = ("http://", "https://", "pipe:", "s3://", "gs://")
 def expand_shards(spec: str | Sequence[str], key: str) -> list[str]:
     """Brace-expanded shard paths or URLs."""
     patterns = [spec] if isinstance(spec, str) else list(spec)
-    shards = [shard for pattern in patterns for shard in braceexpand.braceexpand(pattern)]
+    try:
+        shards = [shard for pattern in patterns for shard in braceexpand.braceexpand(pattern)]
+    except braceexpand.UnbalancedBracesError as err:
+        raise ConfigError(f"{key}: {err}; close every brace, or escape it as \\{{.") from None
     if not shards:
         raise ConfigError(f"{key} names no shards: give a path like 'data/{{00000..00099}}.tar'.")
     return shards
@@ -302,6 +305,8 @@ class WebDataModule(ImageDataModule):
         if train and self.epoch_samples:
             num_batches = max(1, self.epoch_samples // (stream.world_size * self.batch_size))
         epoch, skip = self.training_position() if train else (0, 0)
+        if train:
+            self.check_training_split(None, num_batches, skip)
         return EpochLoader(
             stream,
             num_batches,

@@ -13,10 +13,12 @@ command line, where they are the user's own.
 from __future__ import annotations
 
 import inspect
-import math
 import types
 from collections.abc import Sequence
+from itertools import islice
 from typing import Any, Union, get_args, get_origin, get_type_hints
+
+from braceexpand import UnbalancedBracesError, braceexpand
 
 from captioner.data.datamodule import CaptionDataModule, ShapesDataModule
 from captioner.data.files import (
@@ -25,8 +27,9 @@ from captioner.data.files import (
     KarpathySplitDataModule,
     TableDataModule,
 )
-from captioner.data.shards import REMOTE_PREFIXES, WebDataModule
+from captioner.data.shards import WebDataModule
 from captioner.errors import ConfigError
+from captioner.values import is_finite, is_int, short
 
 KINDS: dict[str, type[CaptionDataModule]] = {
     f"captioner.data.{cls.__name__}": cls
@@ -36,15 +39,17 @@ KINDS: dict[str, type[CaptionDataModule]] = {
     )
 }  # fmt: skip
 SHARD_KEYS = ("train_shards", "val_shards", "test_shards")
+MAX_SHARDS = 1_000_000  # a recorded shard pattern may name at most this many
 _HYDRA_KEYS = ("_target_", "_partial_", "_args_", "_recursive_", "_convert_")
 
 
 def record_data_config(config: dict[str, Any]) -> dict[str, Any]:
     """What a checkpoint keeps of the run's (resolved) data config: all of it, except shard
-    lists read through a command or from a URL, which become null (not recorded)."""
+    lists that may be read through a command or from a URL (any holding a colon), which become
+    null (not recorded)."""
     recorded = dict(config)
     for key in SHARD_KEYS:
-        if _remote(recorded.get(key)):
+        if any(map(_not_local, _specs(recorded.get(key)))):
             recorded[key] = None
     return recorded
 
@@ -57,7 +62,7 @@ def check_data_config(config: Any) -> tuple[type[CaptionDataModule], dict[str, A
     target = config.get("_target_")
     if target not in KINDS:
         raise ConfigError(
-            f"data._target_: {target!r:.80} is not a data kind; expected one of {sorted(KINDS)}."
+            f"data._target_: {short(target)} is not a data kind; expected one of {sorted(KINDS)}."
         )
     fields, required = _fields(KINDS[target])
     if missing := sorted(required - set(config)):
@@ -72,16 +77,13 @@ def check_data_config(config: Any) -> tuple[type[CaptionDataModule], dict[str, A
         if not isinstance(key, str) or key not in fields:
             hint = " (Hydra keys are never read from a file)" if key in _HYDRA_KEYS else ""
             raise ConfigError(
-                f"data.{key!s:.80}: not a key of {target}{hint}; expected some of {sorted(fields)}."
+                f"data.{short(key)}: not a key of {target}{hint}; expected some of "
+                f"{sorted(fields)}."
             )
         if not _conforms(value, fields[key]):
             raise ConfigError(f"data.{key}: expected {_describe(fields[key])}, got {_kind(value)}.")
-        if key in SHARD_KEYS and _remote(value):
-            raise ConfigError(
-                f"data.{key}: names shards read through a command or from a URL "
-                f"({_first_remote(value)!r:.80}), which a checkpoint may not do; name the "
-                f"shards on the command line instead (data=webdataset data.{key}=...)."
-            )
+        if key in SHARD_KEYS:
+            _check_local_shards(key, value)
         kwargs[key] = value
     return KINDS[target], kwargs
 
@@ -93,17 +95,33 @@ def datamodule_from_record(config: Any, **changes: Any) -> CaptionDataModule:
     return cls(**{**kwargs, **changes})
 
 
-def _remote(spec: Any) -> bool:
-    return _first_remote(spec) is not None
+def _specs(spec: Any) -> list[str]:
+    return [spec] if isinstance(spec, str) else list(spec) if isinstance(spec, list) else []
 
 
-def _first_remote(spec: Any) -> str | None:
-    specs = [spec] if isinstance(spec, str) else spec if isinstance(spec, list) else []
-    return next((s for s in specs if isinstance(s, str) and _is_remote(s)), None)
+def _not_local(spec: str) -> bool:
+    """A shard spec that may name something other than local files: one holding a scheme
+    (`pipe:`, `http:`, `s3:`, ...) in any spelling brace expansion turns into one
+    (`pip{e,e}:`, `http:/{/,/}host`), or standard input (`-`). No brace expansion makes a
+    colon out of none, so looking for one is enough."""
+    return ":" in spec or spec.strip() == "-"
 
 
-def _is_remote(shard: str) -> bool:
-    return shard.lstrip().lower().startswith(REMOTE_PREFIXES) or "://" in shard
+def _check_local_shards(key: str, spec: Any) -> None:
+    """Recorded shards name local files only, and not more of them than a real dataset has."""
+    for pattern in _specs(spec):
+        if _not_local(pattern):
+            raise ConfigError(
+                f"data.{key}: {short(pattern)} may name shards read through a command or from "
+                "a URL, which a checkpoint may not do; name the shards on the command line "
+                f"instead (data=webdataset data.{key}=...)."
+            )
+        try:
+            too_many = next(islice(braceexpand(pattern), MAX_SHARDS, None), None) is not None
+        except UnbalancedBracesError as err:
+            raise ConfigError(f"data.{key}: {err}.") from None
+        if too_many:
+            raise ConfigError(f"data.{key}: {short(pattern)} names over {MAX_SHARDS:,} shards.")
 
 
 def _fields(cls: type) -> tuple[dict[str, Any], set[str]]:
@@ -137,10 +155,9 @@ def _conforms(value: Any, hint: Any) -> bool:
     if hint is bool:
         return isinstance(value, bool)
     if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+        return is_int(value) and abs(value) < 2**63  # what torch and numpy take
     if hint is float:
-        number = isinstance(value, int | float) and not isinstance(value, bool)
-        return number and math.isfinite(value)
+        return is_finite(value)
     if hint is str:
         return isinstance(value, str)
     if origin is Sequence:
@@ -161,4 +178,4 @@ def _describe(hint: Any) -> str:
 def _kind(value: Any) -> str:
     if isinstance(value, dict):
         return "a mapping" + (" with a _target_" if "_target_" in value else "")
-    return f"{type(value).__name__} {value!r:.60}"
+    return f"{type(value).__name__} {short(value)}"

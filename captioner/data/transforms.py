@@ -17,6 +17,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms.v2 import functional as TF
 
 from captioner.errors import ConfigError, ImageLoadError
+from captioner.values import is_finite, is_int, short
 
 # Images are stored as uint8 and mapped to [-1, 1]; checkpoints record these numbers.
 IMAGE_MEAN = (0.5, 0.5, 0.5)
@@ -172,29 +173,25 @@ class ImagePreprocess:
         if not isinstance(state, dict):
             raise ValueError("expected a mapping with image_size, mean and std")
         size = state.get("image_size")
-        if not (isinstance(size, list) and len(size) == 2 and all(map(_positive_int, size))):
-            raise ValueError(f"image_size must be [height, width] in pixels, got {size!r:.60}")
+        if not (
+            isinstance(size, list | tuple) and len(size) == 2 and all(map(_positive_int, size))
+        ):
+            raise ValueError(f"image_size must be [height, width] in pixels, got {short(size)}")
         stats = {}
         for key in ("mean", "std"):
             values = state.get(key)
-            if not (
-                isinstance(values, list)
-                and values
-                and all(_is_number(v) and math.isfinite(v) for v in values)
-            ):
-                raise ValueError(f"{key} must be a list of finite numbers, got {values!r:.60}")
+            if not (isinstance(values, list | tuple) and values and all(map(is_finite, values))):
+                raise ValueError(f"{key} must be a list of finite numbers, got {short(values)}")
             stats[key] = tuple(float(v) for v in values)
-        if len(stats["mean"]) != len(stats["std"]) or min(stats["std"]) <= 0:
-            raise ValueError("std must be positive numbers, one per entry of mean")
+        if len(stats["mean"]) != len(stats["std"]) or not all(
+            1e-6 <= s <= 1e6 for s in stats["std"]
+        ):
+            raise ValueError("std must hold one number in [1e-6, 1e6] per entry of mean")
         return cls((size[0], size[1]), stats["mean"], stats["std"])
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
 def _positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+    return is_int(value) and value > 0
 
 
 @dataclass(frozen=True)

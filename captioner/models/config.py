@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from captioner.errors import ConfigError
+from captioner.values import is_finite, is_int, short
 
 
 @dataclass
@@ -32,16 +32,16 @@ class CaptionerConfig:
     max_len: int = 32  # longest token sequence, <bos> and <eos> included
 
     def __post_init__(self) -> None:
-        if isinstance(self.image_size, int) and not isinstance(self.image_size, bool):
+        if is_int(self.image_size):
             self.image_size = (self.image_size, self.image_size)
         if not (
             isinstance(self.image_size, list | tuple)
             and len(self.image_size) == 2
-            and all(_is_int(s) for s in self.image_size)
+            and all(is_int(s) for s in self.image_size)
         ):
             raise ConfigError(
                 f"data.image_size must be a positive int or [height, width], got "
-                f"{self.image_size!r:.60}."
+                f"{short(self.image_size)}."
             )
         self.image_size = tuple(self.image_size)  # type: ignore[assignment]
         self.validate()
@@ -59,12 +59,12 @@ class CaptionerConfig:
         )  # fmt: skip
         for name in positive:
             value = getattr(self, name)
-            if not _is_int(value) or value <= 0:
-                raise ConfigError(f"model.{name} must be a positive integer, got {value!r:.60}.")
+            if not is_int(value) or value <= 0:
+                raise ConfigError(f"model.{name} must be a positive integer, got {short(value)}.")
         for name in ("mlp_ratio", "dropout"):
             value = getattr(self, name)
-            if not (_is_number(value) and math.isfinite(value)):
-                raise ConfigError(f"model.{name} must be a finite number, got {value!r:.60}.")
+            if not is_finite(value):
+                raise ConfigError(f"model.{name} must be a finite number, got {short(value)}.")
         if min(self.image_size) <= 0:
             raise ConfigError(
                 f"data.image_size must be a positive int or [height, width], got {self.image_size}."
@@ -84,7 +84,7 @@ class CaptionerConfig:
                 )
         if self.pos_embed not in ("learned", "sincos"):
             raise ConfigError(
-                f"model.pos_embed must be 'learned' or 'sincos', got {self.pos_embed!r:.60}."
+                f"model.pos_embed must be 'learned' or 'sincos', got {short(self.pos_embed)}."
             )
         if self.pos_embed == "sincos" and self.encoder_dim % 4:
             raise ConfigError(
@@ -117,11 +117,3 @@ class CaptionerConfig:
         if "vocab_size" not in values:
             raise ConfigError("model.vocab_size is missing.")
         return cls(**values)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)

@@ -84,17 +84,20 @@ def save_gif(
     duration_ms: int = 700,
     alpha: float = 0.55,
     min_side: int = 256,
+    max_side: int = 2048,
 ) -> Path:
     """Write a looping GIF with exactly one frame per word and return its path.
 
     `attention` is `Caption.cross_attention` (layers, heads, T, grid_h, grid_w), `layer` and
     `head` pick one or None averages. Small images are enlarged by a whole factor
-    (nearest-neighbour, so pixels stay crisp) until the shorter side is at least `min_side`;
-    the heat-map is computed at that size. All frames share one colour scale, as in
+    (nearest-neighbour, so pixels stay crisp) until the shorter side is at least `min_side`,
+    as long as the longer stays within `max_side` (a 1 x 20,000 strip is not blown up to
+    gigabytes); the heat-map is computed at that size. All frames share one colour scale, as in
     `word_overlays`.
     """
     pixels = as_rgb(image)
-    scale = max(1, math.ceil(min_side / min(pixels.shape[:2])))
+    scale = min(math.ceil(min_side / min(pixels.shape[:2])), max_side // max(pixels.shape[:2]))
+    scale = max(1, scale)
     pixels = pixels.repeat(scale, axis=0).repeat(scale, axis=1)  # (H * s, W * s, 3)
     heat = attention_to_pixels(word_maps(attention, words, layer, head), pixels.shape[:2])
     top = shared_max(heat)  # heat: (T, H * s, W * s)

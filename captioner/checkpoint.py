@@ -17,11 +17,14 @@ Every failure is a `CheckpointError` naming the file and the field.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
+import pickletools
 import re
 import tempfile
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +51,8 @@ REQUIRED = ("config", "tokenizer", "preprocess")
 TEMPORARY_SUFFIX = ".tmp"  # a checkpoint being written: `.<name>.ckpt.<random>.tmp`
 _PATH_KEYS = ("best_model_path", "last_model_path", "kth_best_model_path")
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+MAX_NESTING = 100  # levels of containers in a checkpoint's pickle (Lightning's: about ten)
+MAX_PICKLE_BYTES = 1 << 30  # the pickle of a checkpoint (not its tensors): far below this
 _HELP = "use a .ckpt written by scripts/train.py or a folder written by scripts/export.py"
 # Leading bytes of files that get named `.ckpt` by mistake, to say what the file is instead.
 _SIGNATURES = (
@@ -171,7 +176,7 @@ def _check_weights(config: CaptionerConfig, state: Any, source: Path) -> None:
     ):
         raise CheckpointError(f"{source}: its weights are not a mapping of names to tensors.")
     for stack in ("encoder", "decoder"):
-        found = {int(m[1]) for k in state if (m := re.match(rf"{stack}\.blocks\.(\d+)\.", k))}
+        found = {int(m[1]) for k in state if (m := re.match(rf"{stack}\.blocks\.(\d{{1,9}})\.", k))}
         depth = getattr(config, f"{stack}_depth")
         if found != set(range(depth)):
             raise CheckpointError(
@@ -186,6 +191,11 @@ def _check_weights(config: CaptionerConfig, state: Any, source: Path) -> None:
             )
         if tensor.device.type != "cpu":  # a meta tensor holds no values
             raise CheckpointError(f"{source}: weight {name} holds no values ({tensor.device}).")
+        if tensor.untyped_storage().nbytes() < tensor.numel() * tensor.element_size():
+            raise CheckpointError(  # an expanded view: a few bytes claiming gigabytes
+                f"{source}: weight {name} stores fewer values than its shape "
+                f"{list(tensor.shape)} holds."
+            )
     try:
         with torch.device("meta"):
             model = CaptionerModel(config)
@@ -266,6 +276,7 @@ def read_torch_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: no such checkpoint file.")
     if (kind := _what_is(path)) is not None:
         raise CheckpointError(f"{path}: not a checkpoint: it is {kind}; {_HELP}.")
+    _check_archive(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -286,7 +297,81 @@ def read_torch_checkpoint(path: str | Path) -> dict[str, Any]:
         ) from None
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path}: not a checkpoint (it holds a {type(ckpt).__name__}).")
+    _check_callback_paths(ckpt, path)
     return ckpt
+
+
+def _check_archive(path: Path) -> None:
+    """A checkpoint is a zip archive (what `torch.save` and Lightning write), whose pickles
+    nest their containers at most `MAX_NESTING` deep.
+
+    The legacy format (a bare pickle) is refused: a zip archive appended to one makes a file
+    that `torch.load` reads as the pickle and Lightning's loader for sharded strategies
+    (which does not go through `SafeCheckpointIO`) reads as the archive, with an unsafe
+    unpickler. The nesting is read from the pickle's opcodes without running them: torch's
+    safe unpickler hashes nested tuples recursively in C, and a pickle nested a million deep
+    crashes the process instead of raising an error.
+    """
+    if _head(path)[:1] == b"\x80":
+        raise CheckpointError(
+            f"{path}: written in PyTorch's legacy format, which captioner does not read (a file "
+            "can hide a second checkpoint behind it); re-save it in the current format: "
+            "torch.save(torch.load(path, weights_only=True), new_path)."
+        )
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if not info.filename.endswith(".pkl"):
+                    continue
+                if info.file_size > MAX_PICKLE_BYTES:
+                    raise CheckpointError(f"{path}: {info.filename} is implausibly large.")
+                depth = _nesting(archive.read(info))
+                if depth > MAX_NESTING:
+                    raise CheckpointError(
+                        f"{path}: {info.filename} nests values over {MAX_NESTING} deep; a "
+                        "checkpoint from scripts/train.py nests about ten."
+                    )
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError, OSError) as err:
+        raise CheckpointError(
+            f"{path}: not a readable PyTorch checkpoint ({_first_line(err)}); is the file complete?"
+        ) from None
+
+
+def _nesting(data: bytes) -> int:
+    """How deep the containers a pickle builds nest, from its opcodes (never run), stopping
+    as soon as it exceeds `MAX_NESTING`."""
+    mark = -1  # on the stack: where a MARK opcode stands
+    stack: list[int] = []  # the depth of each value the pickle would have built so far
+    memo: dict[Any, int] = {}
+    deepest = 0
+    for opcode, arg, _ in pickletools.genops(data):
+        name, before = opcode.name, opcode.stack_before
+        if name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
+            memo[len(memo) if name == "MEMOIZE" else arg] = stack[-1] if stack else 1
+            continue
+        if name in ("GET", "BINGET", "LONG_BINGET", "MARK"):
+            stack.append(memo.get(arg, 1) if name != "MARK" else mark)
+            continue
+        items = []
+        if pickletools.markobject in before:  # pops everything above the last mark
+            while stack and stack[-1] != mark:
+                items.append(stack.pop())
+            if stack:
+                stack.pop()
+            below = before.index(pickletools.markobject)
+        else:
+            below = len(before)
+        under = [stack.pop() for _ in range(min(below, len(stack)))]
+        if name in ("APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "BUILD") and under:
+            container, items = under[-1], items + under[:-1]  # filled in place
+            stack.append(max(container, 1 + max(items, default=0)))
+        else:
+            depth = 1 + max(items + under, default=0)
+            stack.extend([depth] * len(opcode.stack_after))
+        deepest = max(deepest, stack[-1] if stack else 0)
+        if deepest > MAX_NESTING:
+            break
+    return deepest
 
 
 def _from_lightning(ckpt: dict[str, Any], path: Path) -> CheckpointContents:
@@ -370,12 +455,21 @@ def export(contents: CheckpointContents, out_dir: str | Path) -> tuple[Path, Pat
     tied = _tied_names(model)
     state = {k: v.contiguous() for k, v in model.state_dict().items() if k not in tied}
     weights, config = out_dir / WEIGHTS_NAME, out_dir / CONFIG_NAME
+    # both files written in full beside their places first, then renamed into them: a failed
+    # write never leaves new weights beside an old vocabulary
+    written = {p: p.with_name(f".{p.name}{TEMPORARY_SUFFIX}") for p in (weights, config)}
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        save_file(state, weights, metadata={"format": "pt"})
-        config.write_text(json.dumps(contents.metadata(), indent=2) + "\n")
+        save_file(state, written[weights], metadata={"format": "pt"})
+        written[config].write_text(json.dumps(contents.metadata(), indent=2) + "\n")
+        for path, temporary in written.items():
+            os.replace(temporary, path)
     except (OSError, SafetensorError) as err:
         raise ConfigError(f"{out_dir}: the export cannot be written there ({err}).") from None
+    finally:
+        for temporary in written.values():
+            with contextlib.suppress(OSError):
+                temporary.unlink(missing_ok=True)
     return weights, config
 
 
@@ -398,9 +492,7 @@ class SafeCheckpointIO(TorchCheckpointIO):
     def load_checkpoint(
         self, path: Any, map_location: Any | None = None, weights_only: bool | None = None
     ) -> dict[str, Any]:
-        checkpoint = read_torch_checkpoint(path)
-        _check_callback_paths(checkpoint, Path(path))
-        return checkpoint
+        return read_torch_checkpoint(path)
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
@@ -463,9 +555,10 @@ def _check_callback_paths(checkpoint: dict[str, Any], source: Path) -> None:
 
 
 def _inside(path: str, folder: str) -> bool:
-    """`path` is a local file below `folder` (no fsspec protocol: `s3://`, `local://`, `a::b`)."""
+    """`path` is a local file below `folder` (no fsspec protocol: `s3://`, `local://`, `a::b`),
+    links followed (a link in the folder to elsewhere is elsewhere)."""
     local = all("://" not in p and "::" not in p for p in (path, folder))
-    return local and Path(folder) in Path(os.path.normpath(path)).parents
+    return local and Path(os.path.realpath(folder)) in Path(os.path.realpath(path)).parents
 
 
 def remove_stale_temporaries(folder: Path) -> list[Path]:

@@ -11,6 +11,7 @@ for result in captioner.caption(["cat.jpg", "dog.png"], beam_size=3, return_atte
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -224,16 +225,25 @@ def find_images(inputs: Iterable[str | Path]) -> list[Path]:
     found: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            entries = item.rglob("*")
-            found += sorted(p for p in entries if not _hidden(p, item) and not _folder(p))
+            found += sorted(_walk(item))
         else:
             found.append(item)  # a missing file is reported when it is read
     return found
 
 
-def _folder(path: Path) -> bool:
-    """A folder the walk goes into: a real one, not a link to one."""
-    return path.is_dir() and not path.is_symlink()
+def _walk(root: Path) -> Iterator[Path]:
+    """Every entry below `root` but folders and dot-entries, going into real folders only (not
+    links to them), without recursion, so no nesting depth can exhaust the stack."""
+    pending = [root]
+    while pending:
+        with os.scandir(pending.pop()) as entries:
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(Path(entry.path))
+                else:
+                    yield Path(entry.path)
 
 
 def usable_device(device: str | torch.device) -> torch.device:
@@ -254,8 +264,3 @@ def usable_device(device: str | torch.device) -> torch.device:
             f"device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)."
         )
     return resolved
-
-
-def _hidden(path: Path, root: Path) -> bool:
-    """A dot-file, or a file inside a dot-folder, below `root`."""
-    return any(part.startswith(".") for part in path.relative_to(root).parts)

@@ -16,12 +16,13 @@ from lightning import LightningModule
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
-from captioner.errors import ConfigError, DataError, TrainingError
+from captioner.errors import CheckpointError, ConfigError, DataError, TrainingError
 from captioner.generation import DecodingOptions, Generated, generate
 from captioner.inference import to_captions
 from captioner.metrics import GroundingMeter, box_coverage, caption_scores, grounding_loss
 from captioner.models import CaptionerConfig, CaptionerModel
 from captioner.seeding import mix_seed
+from captioner.values import is_int, short
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +135,7 @@ class CaptionerLitModule(LightningModule):
         self.attention_supervision = attention_supervision
         self.nonfinite = nonfinite
         self._batch_ids: list[Any] = []  # the training batch being stepped, for error messages
-        self._epoch_samples = 0  # usable training samples this epoch (this process)
+        self._epoch_samples = self._epoch_batches = 0  # this epoch's, in this process
         self.run_seed = torch.initial_seed()  # as `seed_everything` left it
         # torch.compile covers the training loss only: decoding's cache grows by one position
         # per step, which would recompile at every step, so evaluation stays eager
@@ -203,24 +204,31 @@ class CaptionerLitModule(LightningModule):
         torch.manual_seed(mix_seed(self.run_seed, rank, epoch, batch_idx))
 
     def on_train_epoch_start(self) -> None:
-        self._epoch_samples = 0
+        self._epoch_samples = self._epoch_batches = 0
 
     def on_train_batch_end(self, outputs: Any, batch: dict[str, Any], batch_idx: int) -> None:
         """After the epoch's last batch, before validation and checkpoints: stop if there was
         nothing to train on (every sample bad and skipped), instead of saving an untrained
         model as if training had happened."""
-        if not self.trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
-            return
-        count = torch.tensor(self._epoch_samples, device=self.device)
+        if self.trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            self._check_trained(self._epoch_samples, "every training sample of epoch {} was "
+                                "unusable and skipped")  # fmt: skip
+
+    def on_train_epoch_end(self) -> None:
+        """An epoch with no batch at all (a stream read past its end on resuming) stops too."""
+        self._check_trained(self._epoch_batches, "epoch {} had no training batch")
+
+    def _check_trained(self, done: int, what: str) -> None:
+        count = torch.tensor(done, device=self.device)
         if int(self.trainer.strategy.reduce(count, reduce_op="sum")) == 0:
             raise DataError(
-                f"every training sample of epoch {self.current_epoch} was unusable and skipped "
-                "(each is logged above): fix or replace them, or point the data config at "
-                "usable images."
+                f"{what.format(self.current_epoch)} (each bad sample is logged above): fix or "
+                "replace the data, or point the data config at usable data."
             )
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         self._epoch_samples += len(batch["image_ids"])
+        self._epoch_batches += 1
         if not batch["image_ids"]:  # every sample in it was bad and skipped
             if self.trainer.world_size == 1:
                 return None  # no step
@@ -423,7 +431,10 @@ class CaptionerLitModule(LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """A resumed run draws dropout from the checkpoint's seed, as its data order does."""
-        self.run_seed = checkpoint.get("run_seed", self.run_seed)
+        seed = checkpoint.get("run_seed", self.run_seed)
+        if not (is_int(seed) and 0 <= seed < 2**64):
+            raise CheckpointError(f"the checkpoint's run_seed {short(seed)} is not a seed.")
+        self.run_seed = seed
 
 
 def _rank_and_world() -> tuple[int, int]:

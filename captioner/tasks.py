@@ -157,6 +157,12 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             ckpt = callback.best_model_path if callback else ""
             if not ckpt:
                 log.warning("no best checkpoint (fast_dev_run or no validation): testing as is")
+            elif Path(ckpt).resolve().parent not in {f.resolve() for f in folders}:
+                # Lightning restores the best path a resumed checkpoint records, wherever it is
+                log.warning(
+                    "the best checkpoint recorded, %s, is not this run's: testing as is", ckpt
+                )
+                ckpt = ""
         with _sigterm_reported("while testing; training had finished"):
             trainer.test(
                 model, datamodule=datamodule, ckpt_path=ckpt or None, verbose=False,
@@ -244,19 +250,25 @@ def _check_run_folders(folders: list[Path], ckpt_path: Path | None) -> None:
 
 
 class _TrainingStarted(Callback):
-    """Whether `fit` got past restoring its checkpoint: `on_train_start` runs after it."""
+    """Whether `fit` got past restoring its checkpoint and through one whole training step,
+    where the restored optimizer and scheduler states are first used: the next batch, or the
+    end of the epoch, comes after it."""
 
-    started = False
+    def __init__(self) -> None:
+        self.batches, self.started = 0, False
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.started = True
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        self.started, self.batches = self.started or self.batches > 0, self.batches + 1
+
+    def on_train_epoch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        self.started = self.started or self.batches > 0
 
 
 @contextmanager
 def _restore_errors(ckpt_path: Path | None, progress: _TrainingStarted) -> Iterator[None]:
     """Lightning restores optimizer, loop and callback states from the checkpoint as they are:
-    a damaged or forged one fails inside it. Such a failure, before training starts, is named
-    as the checkpoint's."""
+    a damaged or forged one fails inside it, or in the first step that uses it. Such a
+    failure, before a step has gone through, is named as the checkpoint's (with the error)."""
     try:
         yield
     except (ConfigError, DataError, CheckpointError, TrainingError):

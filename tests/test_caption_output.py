@@ -213,3 +213,39 @@ def test_a_reader_that_goes_away_ends_the_run_quietly(ckpt: Path, tmp_path: Path
     process.stdout.close()
     err = process.stderr.read()
     assert process.wait(timeout=300) in (0, 1) and "Traceback" not in err, err
+
+
+def test_attention_figures_never_overwrite_each_other(ckpt: Path, tmp_path: Path) -> None:
+    """`a.png` writes `a_matrices.png`, which is also the overlay of an image named
+    `a_matrices.png`; and a huge strip is shown shrunk."""
+    from captioner.viz import AttentionFolder
+
+    captioner = Captioner.from_checkpoint(ckpt)
+    folder = AttentionFolder(tmp_path / "figures")
+    strip = scene(0).resize((8, 100_000))
+    images = {"a.png": scene(0), "a_matrices.png": scene(1), "strip.png": strip}
+    for name, image in images.items():
+        (caption,) = captioner.caption(image, return_attention=True, return_encoder_attention=True)
+        folder.save(Path(name), image, caption, num_prefix_tokens=0)
+    written = sorted(p.name for p in (tmp_path / "figures").iterdir())
+    assert len(written) == 3 * len(images) and "a_matrices_.png" in written
+    with Image.open(tmp_path / "figures" / "strip.gif") as gif:  # the strip, 2048 px at most
+        assert gif.size[0] == 1 and gif.size[1] < 4096
+
+
+def test_folders_of_any_depth_are_walked(tmp_path: Path) -> None:
+    from captioner.inference import find_images
+
+    deep = tmp_path
+    for _ in range(1200):  # deeper than Python's recursion limit
+        deep = deep / "d"
+        deep.mkdir()
+    (deep / "x.png").write_bytes(b"")
+    assert find_images([tmp_path]) == [deep / "x.png"]
+
+
+def test_braces_nested_too_deep_are_a_config_error() -> None:
+    from captioner.data.shards import expand_shards
+
+    with pytest.raises(ConfigError, match="braces nested too deeply"):
+        expand_shards("{a," * 3000 + "b" + "}" * 3000, "data.test_shards")

@@ -10,13 +10,24 @@ from pathlib import Path
 
 import pytest
 import torch
-from builders import QUIET, TINY_IMAGE_MODEL, write_coco, write_shards, write_table
+from builders import (
+    QUIET,
+    TINY_IMAGE_MODEL,
+    image_bytes,
+    scenes,
+    write_coco,
+    write_flickr,
+    write_shards,
+    write_table,
+    write_tar,
+    write_webdataset,
+)
 from conftest import compose_train
 from omegaconf import DictConfig
 
 from captioner.checkpoint import export, load_checkpoint
 from captioner.data.policy import BadSample
-from captioner.data.records import read_coco, read_table
+from captioner.data.records import read_coco, read_flickr, read_table
 from captioner.data.shards import sample_captions
 from captioner.errors import CheckpointError, ConfigError, DataError
 from captioner.tasks import evaluate, train, validate_data
@@ -72,26 +83,32 @@ def test_one_image_is_one_record_however_its_path_is_written(tmp_path: Path) -> 
 def test_shards_that_reuse_a_key_are_scored_once_each_or_refused(
     trained_run: Path, tmp_path: Path
 ) -> None:
-    """Two shards written apart both hold key 000000000: evaluation names the clash instead of
-    scoring one of the images and dropping the other."""
+    """Two shards written apart both hold key 000000000, and one shard holds a key twice (not
+    side by side): evaluation names the clash instead of scoring one image and dropping the
+    other."""
     first = write_shards(tmp_path / "a", "test", 1, 2).replace("{00000..00000}", "00000")
     second = write_shards(tmp_path / "b", "test", 1, 2).replace("{00000..00000}", "00000")
-    ckpt = trained_run / "checkpoints" / "last.ckpt"
-    cfg = compose_train(
-        f"ckpt_path={ckpt}", "data=webdataset", f"data.train_shards={first}",
-        f"data.val_shards={first}", f"data.test_shards=[{first},{second}]",
-        "data.num_workers=0", "trainer.accelerator=cpu",
-        output_dir=tmp_path / "eval", config_name="eval",
-    )  # fmt: skip
-    with pytest.raises(DataError, match=r"image id '000000000' names two images of the test split"):
-        evaluate(cfg)
-    cfg = compose_train(
-        f"ckpt_path={ckpt}", "data=webdataset", f"data.train_shards={first}",
-        f"data.val_shards={first}", f"data.test_shards=[{first}]", "data.num_workers=0",
-        output_dir=tmp_path / "eval_ok", config_name="eval",
-    )  # fmt: skip
-    _, objects = evaluate(cfg)
-    assert len(objects["model"].predictions["test"]) == 2
+    (one, captions), (other, _) = scenes("test", 2)
+    caption = json.dumps({"caption": captions}).encode()
+    repeated = write_tar(tmp_path / "repeated.tar", [
+        ("s0.jpg", image_bytes(one)), ("s0.json", caption),
+        ("s1.jpg", image_bytes(other)), ("s1.json", caption),
+        ("s0.jpg", image_bytes(other)), ("s0.json", caption),
+    ])  # fmt: skip
+
+    def evaluate_on(*shards: str | Path) -> dict:
+        cfg = compose_train(
+            f"ckpt_path={trained_run}/checkpoints/last.ckpt", "data=webdataset",
+            f"data.train_shards={first}", f"data.val_shards={first}",
+            f"data.test_shards=[{','.join(map(str, shards))}]", "data.num_workers=0",
+            output_dir=tmp_path / "eval" / str(len(shards)), config_name="eval",
+        )  # fmt: skip
+        return evaluate(cfg)[1]["model"].predictions
+
+    for clash, ids in (((first, second), "'000000000'"), ((repeated,), "'s0'")):
+        with pytest.raises(DataError, match=f"image id {ids} names two images of the test split"):
+            evaluate_on(*clash)
+    assert len(evaluate_on(first)["test"]) == 2
 
 
 def test_ids_of_both_kinds_are_written_and_data_keys_may_refer_to_paths(
@@ -203,6 +220,11 @@ def test_a_resumed_run_trains_on_what_its_checkpoint_says_or_stops(tmp_path: Pat
             CheckpointError,
             "loops.ckpt: training could not be restored",
         ),
+        "adam": (  # fails in the first step, not while restoring
+            lambda s: s["optimizer_states"][0]["state"][0].update(exp_avg=torch.zeros(3)),
+            CheckpointError,
+            r"adam.ckpt: training could not be restored from it \(RuntimeError",
+        ),
     }
     for name, (change, error, message) in cases.items():
         with pytest.raises(error, match=message):
@@ -248,3 +270,37 @@ def test_a_key_or_column_named_twice_is_an_error_not_last_wins(tmp_path: Path) -
     assert sample_captions(raw) == BadSample(
         "s.tar/k.json", "duplicate key 'caption' in one object"
     )
+
+
+def test_a_stream_resumed_past_its_end_does_not_train_on_nothing(tmp_path: Path) -> None:
+    shards = write_webdataset(tmp_path / "shards")
+    run = (
+        "data=webdataset", *TINY_IMAGE_MODEL, *QUIET, "data.num_workers=0", "data.batch_size=2",
+        f"data.train_shards='{shards['train_shards']}'", "test=false",
+        f"data.val_shards='{shards['val_shards']}'",
+    )  # fmt: skip
+    train(compose_train(*run, "trainer.max_epochs=1", output_dir=tmp_path / "run"))
+    saved = torch.load(tmp_path / "run/checkpoints/last.ckpt", weights_only=True)
+    saved["WebDataModule"]["batches"] = 10**6  # as if the shards had shrunk since
+    torch.save(saved, tmp_path / "past.ckpt")
+    resumed = compose_train(
+        *run, "trainer.max_epochs=2", f"ckpt_path={tmp_path}/past.ckpt", output_dir=tmp_path / "b"
+    )
+    with pytest.raises(DataError, match="epoch 1 had no training batch"):
+        train(resumed)
+
+
+def test_data_configs_refuse_what_would_hang_or_read_twice(tmp_path: Path) -> None:
+    from captioner.data import ShapesDataModule, Tokenizer
+
+    with pytest.raises(ConfigError, match="captions_per_image must be between 1 and 100"):
+        ShapesDataModule(captions_per_image=10**18)
+    with pytest.raises(ConfigError, match="data.seed must be in"):
+        ShapesDataModule(seed=2**64)
+    with pytest.raises(ConfigError, match="no word occurs 5 or more times"):
+        Tokenizer.build(["a dog", "a cat"], min_freq=5)
+    paths = write_flickr(tmp_path)
+    listing = paths["test_list"]
+    listing.write_text(listing.read_text() + listing.read_text().splitlines()[0] + "\n")
+    with pytest.raises(DataError, match=r"Images.txt:5: image '1000_test.jpg' is listed again"):
+        read_flickr(paths["captions_file"], paths["image_dir"], listing, "error")

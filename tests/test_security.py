@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -130,6 +131,9 @@ def test_no_entry_point_runs_what_a_checkpoint_carries(
         load_checkpoint(path).datamodule()  # the notebooks' way to the data
     assert not marker.exists()
     assert not (tmp_path / "export").exists()
+    if route == "pickle":  # the file really is malicious: trusting it runs the code
+        torch.load(path, weights_only=False)
+        assert marker.exists()
 
 
 @pytest.mark.parametrize("route", ["pipe_shard", "nested_target"])
@@ -233,7 +237,7 @@ def test_files_that_are_not_checkpoints_are_named_for_what_they_are(tmp_path: Pa
         "config.ckpt": (b'{"config": {}}', "it is JSON text"),
         "image.ckpt": (png, "it is a PNG image"),
         "noise.ckpt": (bytes(range(7, 256)) * 3, "binary file of an unknown kind"),
-        "pickle.ckpt": (b"\x80\x02}q\x00X\x01", "not a readable PyTorch checkpoint"),
+        "pickle.ckpt": (b"\x80\x02}q\x00X\x01", "written in PyTorch's legacy format"),
         "archive.ckpt": (b"PK\x03\x04" + bytes(40), "not a readable PyTorch checkpoint"),
     }
     for name, (content, message) in cases.items():
@@ -402,3 +406,65 @@ def test_every_malformed_metadata_field_is_one_named_error(
         _contents(meta, weights, Path("fuzzed.ckpt"), "lightning")
     except CheckpointError as err:
         assert str(err).startswith("fuzzed.ckpt") and "\n" not in str(err)
+
+
+def test_a_file_that_reads_two_ways_or_nests_deep_is_refused(
+    saved: dict[str, Any], tmp_path: Path
+) -> None:
+    """A legacy-format pickle with a zip appended is read as the pickle by torch.load and as the
+    zip by Lightning's loader for sharded strategies; a pickle nested a million deep crashes
+    torch's safe unpickler. Both are refused before either reader runs."""
+    marker = tmp_path / "ran"
+    payload = tmp_path / "payload.ckpt"
+    torch.save({"state_dict": {}, "x": RunsCode(marker)}, payload)
+    polyglot = tmp_path / "polyglot.ckpt"
+    torch.save(saved, polyglot, _use_new_zipfile_serialization=False)
+    polyglot.write_bytes(polyglot.read_bytes() + payload.read_bytes())
+    with pytest.raises(CheckpointError, match="polyglot.ckpt: written in PyTorch's legacy format"):
+        load_checkpoint(polyglot)
+    deep: Any = 1
+    for _ in range(150):
+        deep = (deep,)
+    nested = tmp_path / "nested.ckpt"
+    torch.save({**saved, "extra": deep}, nested)
+    with pytest.raises(CheckpointError, match="nested.ckpt: .*data.pkl nests values over 100"):
+        load_checkpoint(nested)
+    assert not marker.exists()
+
+
+def test_weights_that_claim_more_than_they_store_are_refused(
+    saved: dict[str, Any], tmp_path: Path
+) -> None:
+    dim = saved["captioner"]["config"]["decoder_dim"]
+    expanded = set_weight("decoder.norm.bias", torch.full((1,), 0.01).expand(dim))
+    path = tampered(saved, tmp_path / "expanded.ckpt", expanded)
+    with pytest.raises(CheckpointError, match="stores fewer values than its shape"):
+        load_checkpoint(path)
+    long_index = set_weight("encoder.blocks." + "1" * 5000 + ".x", torch.zeros(1))
+    path = tampered(saved, tmp_path / "index.ckpt", long_index)
+    with pytest.raises(CheckpointError, match="unexpected"):
+        load_checkpoint(path)
+    path = tampered(saved, tmp_path / "seed.ckpt", lambda state: state.update(run_seed="abc"))
+    from captioner.lit_module import CaptionerLitModule
+
+    module = SimpleNamespace(run_seed=0)  # what on_load_checkpoint reads of the module
+    with pytest.raises(CheckpointError, match="run_seed 'abc' is not a seed"):
+        CaptionerLitModule.on_load_checkpoint(module, torch.load(path, weights_only=True))
+
+
+def test_a_link_in_the_checkpoint_folder_does_not_lead_lightning_out_of_it(
+    saved: dict[str, Any], tmp_path: Path
+) -> None:
+    name = next(k for k in saved["callbacks"] if "val/CIDEr" in k)
+    folder = Path(saved["callbacks"][name]["dirpath"])
+    (tmp_path / "victim").mkdir()
+    link = folder / f"link-{tmp_path.name}"
+    link.symlink_to(tmp_path / "victim")
+    try:
+        state = {**saved["callbacks"][name], "best_k_models": {f"{link}/f.ckpt": -1.0}}
+        path = tmp_path / "linked.ckpt"
+        torch.save({**saved, "callbacks": {**saved["callbacks"], name: state}}, path)
+        with pytest.raises(CheckpointError, match="outside its checkpoint folder"):
+            SafeCheckpointIO().load_checkpoint(path)
+    finally:
+        link.unlink()

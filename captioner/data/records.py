@@ -162,12 +162,17 @@ def read_flickr(
     if split_list is None:
         return _finish(entries.values(), policy)
     split_text, split_at = _read_text(split_list)
-    order = []
+    order, listed = [], {}
     for line, written in _lines(split_text):
         if (name := written.strip()) not in entries:
             raise DataError(
                 f"{split_at.file}:{line}: image {name!r} has no captions in "
                 f"{at.file}; expected every listed image to have some."
+            )
+        if (first := listed.setdefault(name, line)) != line:
+            raise DataError(
+                f"{split_at.file}:{line}: image {name!r} is listed again (first at line "
+                f"{first}); expected each image once, or it is trained on and scored twice."
             )
         order.append(entries[name])
     return _finish(order, policy)

@@ -21,6 +21,7 @@ from captioner.data.tokenizer import split_words
 from captioner.data.transforms import image_size_pair
 from captioner.errors import ConfigError
 
+MAX_CAPTIONS = 100  # distinct references a scene can be described by, at most
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
     "green": (40, 170, 60),
@@ -215,8 +216,13 @@ class ShapesWorld:
                 f"data.max_objects={max_objects} exceeds the {len(self.seen_combos)} colour-shape "
                 "pairs left after data.holdout_combos: lower one of them."
             )
-        if captions_per_image < 1:
-            raise ConfigError(f"data.captions_per_image must be >= 1, got {captions_per_image}.")
+        if not 1 <= captions_per_image <= MAX_CAPTIONS:
+            raise ConfigError(
+                f"data.captions_per_image must be between 1 and {MAX_CAPTIONS}, got "
+                f"{captions_per_image}."
+            )
+        if not 0 <= seed < 2**63:
+            raise ConfigError(f"data.seed must be in [0, 2**63), got {seed}.")
         self._edges = [
             [round(k * side / grid) for k in range(grid + 1)] for side in self.image_size
         ]  # row edges, column edges

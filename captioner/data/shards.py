@@ -51,6 +51,8 @@ def expand_shards(spec: str | Sequence[str], key: str) -> list[str]:
         shards = [shard for pattern in patterns for shard in braceexpand.braceexpand(pattern)]
     except braceexpand.UnbalancedBracesError as err:
         raise ConfigError(f"{key}: {err}; close every brace, or escape it as \\{{.") from None
+    except RecursionError:
+        raise ConfigError(f"{key}: braces nested too deeply to expand.") from None
     if not shards:
         raise ConfigError(f"{key} names no shards: give a path like 'data/{{00000..00099}}.tar'.")
     return shards
@@ -116,7 +118,8 @@ def decode_sample(
         pixels = transform(image)
     except ImageLoadError as err:
         return {BAD: BadSample(err.source, err.reason)}
-    return {"image": pixels, "captions": captions, "image_id": raw["__key__"], "source": source}
+    place = f"{source} (sample {raw['__position__']})" if "__position__" in raw else source
+    return {"image": pixels, "captions": captions, "image_id": raw["__key__"], "source": place}
 
 
 class ShardStream(IterableDataset):
@@ -199,12 +202,13 @@ def read_shards(
         samples = wds.tarfile_samples(
             [{"url": shard}], handler=keep_going, select_files=select_files
         )
-        for raw in itertools.chain(samples, [None]):
+        for position, raw in enumerate(itertools.chain(samples, [None])):
             if errors and not reported:
                 reported = True
                 reason = f"unreadable or cut-short shard ({_why(errors[0])})"
                 yield {BAD: BadSample(shard, reason)}
             if raw is not None:
+                raw["__position__"] = position  # two samples under one key stay two
                 yield raw
 
 
@@ -263,6 +267,8 @@ class WebDataModule(ImageDataModule):
         for name, value in (("shuffle_buffer", shuffle_buffer), ("epoch_samples", epoch_samples)):
             if value is not None and value < 0:
                 raise ConfigError(f"data.{name} must be >= 0, got {value}.")
+        if not 0 <= seed < 2**63:
+            raise ConfigError(f"data.seed must be in [0, 2**63), got {seed}.")
         if vocab_shards is not None and vocab_shards < 1:
             raise ConfigError(f"data.vocab_shards must be >= 1 or null (all), got {vocab_shards}.")
         self.shuffle_buffer, self.epoch_samples = shuffle_buffer, epoch_samples

@@ -120,6 +120,8 @@ def _check_local_shards(key: str, spec: Any) -> None:
             too_many = next(islice(braceexpand(pattern), MAX_SHARDS, None), None) is not None
         except UnbalancedBracesError as err:
             raise ConfigError(f"data.{key}: {err}.") from None
+        except RecursionError:
+            raise ConfigError(f"data.{key}: braces nested too deeply to expand.") from None
         if too_many:
             raise ConfigError(f"data.{key}: {short(pattern)} names over {MAX_SHARDS:,} shards.")
 

@@ -7,6 +7,8 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
+from captioner.errors import ConfigError
+
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIALS = (PAD, BOS, EOS, UNK)
 # never words: NUL, escape codes, line breaks..., and lone UTF-16 surrogates (JSON can hold
@@ -89,12 +91,12 @@ class Tokenizer:
     def build(cls, captions: Iterable[str], min_freq: int = 1) -> Tokenizer:
         """Vocabulary of words seen at least `min_freq` times, most frequent first."""
         if min_freq < 1:
-            raise ValueError(f"data.min_freq must be >= 1, got {min_freq}.")
+            raise ConfigError(f"data.min_freq must be >= 1, got {min_freq}.")
         counts = Counter(w for c in captions for w in split_words(c))
         kept = (w for w, n in counts.items() if n >= min_freq)
         words = sorted(kept, key=lambda w: (-counts[w], w))  # most frequent first
         if not words:
-            raise ValueError(
+            raise ConfigError(
                 f"no word occurs {min_freq} or more times in the training captions: "
                 "lower data.min_freq or check the captions."
             )

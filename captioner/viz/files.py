@@ -6,12 +6,16 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
 from captioner.errors import ConfigError
 from captioner.viz.gif import save_gif
 from captioner.viz.matrices import attention_matrices
 from captioner.viz.overlay import word_overlays
 
 STEM_BYTES = 200  # a file name holds at most 255 bytes: room for "_matrices.png" and a hash
+SUFFIXES = (".png", ".gif", "_matrices.png")  # the files written for one image
+MAX_SIDE = 2048  # figures show an image no larger than this (a 8 x 10,000,000 strip is shrunk)
 
 
 class AttentionFolder:
@@ -20,8 +24,9 @@ class AttentionFolder:
     beside the decoder's causal and the encoder's self-attention).
 
     The folder is made when this is built, so a wrong path fails before any captioning. A
-    stem is the image's own, shortened with a hash when it is too long for a file name, and
-    `_` is added when two images share one.
+    stem is the image's own, shortened with a hash when it is too long for a file name, with
+    `_` added until none of its files is one already written (`a.png` and `a_matrices.png`
+    in one folder both keep their figures).
     """
 
     def __init__(self, directory: str | Path) -> None:
@@ -34,7 +39,7 @@ class AttentionFolder:
             raise ConfigError(
                 f"--save-attention {self.directory}: cannot make it ({err.strerror or err})."
             ) from None
-        self.used: set[str] = set()
+        self.written: set[str] = set()
 
     def stem(self, path: Path) -> str:
         name = path.stem
@@ -42,14 +47,17 @@ class AttentionFolder:
         if len(raw) > STEM_BYTES:
             cut = raw[:STEM_BYTES].decode(errors="ignore")  # whole characters only
             name = f"{cut}-{hashlib.sha1(raw).hexdigest()[:8]}"
-        while name in self.used:
+        while any(name + suffix in self.written for suffix in SUFFIXES):
             name += "_"
-        self.used.add(name)
+        self.written.update(name + suffix for suffix in SUFFIXES)
         return name
 
     def save(self, path: Path, image: Any, caption: Any, num_prefix_tokens: int) -> None:
         """The three figures of `caption` (a `Caption` with attention) of the image at `path`."""
         name, words = self.stem(path), caption.words
+        if isinstance(image, Image.Image) and max(image.size) > MAX_SIDE:
+            image = image.copy()
+            image.thumbnail((MAX_SIDE, MAX_SIDE))
         overlays = word_overlays(image, caption.cross_attention, words)
         overlays.savefig(self.directory / f"{name}.png", dpi=100)
         save_gif(self.directory / f"{name}.gif", image, caption.cross_attention, words)

@@ -69,7 +69,8 @@ def _frame(
         colour = CURRENT_WORD if k == current else PAST_WORD
         draw.text((x, height + y), words[k], font=font, fill=colour)
     progress = round((current + 1) * width / len(words))
-    draw.rectangle((0, height + band - BAR, progress - 1, height + band - 1), fill=CURRENT_WORD)
+    if progress > 0:  # an image a few pixels wide has no room for the first words' bar
+        draw.rectangle((0, height + band - BAR, progress - 1, height + band - 1), fill=CURRENT_WORD)
     return frame
 
 

@@ -22,6 +22,12 @@ def short(value: Any) -> str:
     return _SHORT.repr(value)[:80]
 
 
+def key_name(key: Any) -> str:
+    """A mapping's key as a message shows it: as written if it is a plain name, else as a
+    short repr (no line break or escape code from a file reaches the terminal)."""
+    return key if isinstance(key, str) and key.isidentifier() else short(key)
+
+
 def is_int(value: Any) -> bool:
     """An integer, not a bool (which Python counts as one)."""
     return isinstance(value, int) and not isinstance(value, bool)

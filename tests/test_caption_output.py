@@ -241,7 +241,13 @@ def test_folders_of_any_depth_are_walked(tmp_path: Path) -> None:
         deep = deep / "d"
         deep.mkdir()
     (deep / "x.png").write_bytes(b"")
-    assert find_images([tmp_path]) == [deep / "x.png"]
+    try:
+        assert find_images([tmp_path]) == [deep / "x.png"]
+    finally:  # bottom-up: pytest's own clean-up of old runs removes folders recursively
+        (deep / "x.png").unlink()
+        while deep != tmp_path:
+            deep.rmdir()
+            deep = deep.parent
 
 
 def test_braces_nested_too_deep_are_a_config_error() -> None:

@@ -29,7 +29,7 @@ from captioner.data.files import (
 )
 from captioner.data.shards import WebDataModule
 from captioner.errors import ConfigError
-from captioner.values import is_finite, is_int, short
+from captioner.values import is_finite, is_int, key_name, short
 
 KINDS: dict[str, type[CaptionDataModule]] = {
     f"captioner.data.{cls.__name__}": cls
@@ -77,7 +77,7 @@ def check_data_config(config: Any) -> tuple[type[CaptionDataModule], dict[str, A
         if not isinstance(key, str) or key not in fields:
             hint = " (Hydra keys are never read from a file)" if key in _HYDRA_KEYS else ""
             raise ConfigError(
-                f"data.{short(key)}: not a key of {target}{hint}; expected some of "
+                f"data.{key_name(key)}: not a key of {target}{hint}; expected some of "
                 f"{sorted(fields)}."
             )
         if not _conforms(value, fields[key]):

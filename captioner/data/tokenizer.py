@@ -21,7 +21,8 @@ _LAYOUT = "\u2028\u2029\u202a-\u202e\u2066-\u2069"
 _UNSAFE = re.compile(f"[\\s{_CONTROLS}{_LAYOUT}]")  # what a word read from a file may not hold
 _ESCAPED = re.compile(f"[\\\\{_CONTROLS}{_LAYOUT}]")  # what `escape` writes as escapes
 _NAMED = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
-_WORD = re.compile(f"[a-z0-9]+(?:'[a-z]+)?|[^\\sa-z0-9{_CONTROLS}]")
+# never a word either: the layout characters, which would reorder a printed caption
+_WORD = re.compile(f"[a-z0-9]+(?:'[a-z]+)?|[^\\sa-z0-9{_CONTROLS}{_LAYOUT}]")
 # Dense-caption sets run to a few thousand characters; more is a file's worth of text in one
 # field, which no caption model should train on or be scored against.
 MAX_CAPTION_CHARS = 10_000

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from captioner.errors import ConfigError
-from captioner.values import is_finite, is_int, short
+from captioner.values import is_finite, is_int, key_name, short
 
 
 @dataclass
@@ -108,10 +108,10 @@ class CaptionerConfig:
         if not isinstance(values, dict):
             raise ConfigError(f"expected a mapping of model keys, got {type(values).__name__}.")
         known = {f.name for f in fields(cls)}
-        unknown = sorted(map(str, set(values) - known))
+        unknown = sorted(map(key_name, set(values) - known))
         if unknown:
             raise ConfigError(
-                f"unknown model key(s) {', '.join(f'model.{k:.40}' for k in unknown[:5])}; "
+                f"unknown model key(s) {', '.join(f'model.{k}' for k in unknown[:5])}; "
                 f"valid keys are: {', '.join(sorted(known - {'vocab_size'}))}."
             )
         if "vocab_size" not in values:

@@ -1,1 +1,1 @@
-"""captioner: a small, readable image captioner whose cross-attention you can see."""
+"""captioner: a small, readable image captioner whose attention over the image you can see."""

@@ -17,7 +17,14 @@ from captioner.models import CaptionerConfig
 
 
 def hf_captioner(config: CaptionerConfig, bos_id: int, eos_id: int, pad_id: int) -> Any:
-    """A `VisionEncoderDecoderModel` of the same architecture as `CaptionerModel(config)`."""
+    """A `VisionEncoderDecoderModel` of the same architecture as `CaptionerModel(config)`:
+    a ViT encoder and a cross-attention decoder (the only fusion it has)."""
+    encoder_config, decoder_config = config.encoder, config.decoder
+    if decoder_config.label != "cross":
+        raise ConfigError(
+            "the Hugging Face baseline has a cross-attention decoder only: benchmark "
+            "model/decoder=cross, or leave the baseline out with --no-hf."
+        )
     try:
         from transformers import (
             BertConfig,
@@ -38,19 +45,19 @@ def hf_captioner(config: CaptionerConfig, bos_id: int, eos_id: int, pad_id: int)
     }  # fmt: skip
     encoder = ViTModel(
         ViTConfig(
-            hidden_size=config.encoder_dim, num_hidden_layers=config.encoder_depth,
-            num_attention_heads=config.encoder_heads,
-            intermediate_size=int(config.encoder_dim * config.mlp_ratio),
-            image_size=list(config.image_size), patch_size=config.patch_size,
-            num_channels=config.in_channels, **shared,
+            hidden_size=encoder_config.dim, num_hidden_layers=encoder_config.depth,
+            num_attention_heads=encoder_config.heads,
+            intermediate_size=int(encoder_config.dim * encoder_config.mlp_ratio),
+            image_size=list(config.image_size), patch_size=encoder_config.patch_size,
+            num_channels=encoder_config.in_channels, **shared,
         ),
         add_pooling_layer=False,
     )  # fmt: skip
     decoder = BertLMHeadModel(
         BertConfig(
-            vocab_size=config.vocab_size, hidden_size=config.decoder_dim,
-            num_hidden_layers=config.decoder_depth, num_attention_heads=config.decoder_heads,
-            intermediate_size=int(config.decoder_dim * config.mlp_ratio),
+            vocab_size=config.vocab_size, hidden_size=decoder_config.dim,
+            num_hidden_layers=decoder_config.depth, num_attention_heads=decoder_config.heads,
+            intermediate_size=int(decoder_config.dim * decoder_config.mlp_ratio),
             max_position_embeddings=config.max_len, is_decoder=True, add_cross_attention=True,
             pad_token_id=pad_id, bos_token_id=bos_id, eos_token_id=eos_id, **shared,
         )
@@ -67,7 +74,7 @@ def hf_captioner(config: CaptionerConfig, bos_id: int, eos_id: int, pad_id: int)
 
 
 def hf_loss(model: Any, images: torch.Tensor, tokens: torch.Tensor, pad_id: int) -> torch.Tensor:
-    """The same teacher-forced loss as `CaptionerModel.caption_loss`, the Hugging Face way:
+    """The same teacher-forced loss as `teacher_forced_loss`, the Hugging Face way:
     padded targets are -100, padded inputs masked."""
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     return model(

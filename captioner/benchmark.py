@@ -9,6 +9,7 @@ Hugging Face baseline (`captioner.baseline`) gets the same inputs, batch and thr
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import tempfile
 import time
@@ -26,6 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 from captioner.baseline import hf_captioner, hf_generate, hf_loss
 from captioner.data import TableDataModule
 from captioner.generation import DecodingOptions, generate
+from captioner.lit_module import teacher_forced_loss
 from captioner.models import CaptionerConfig, CaptionerModel
 
 BOS, EOS, PAD = 1, 2, 0
@@ -61,7 +63,10 @@ def median_seconds(functions: dict[K, Callable[[], object]], repeats: int) -> di
     return {key: statistics.median(values) for key, values in times.items()}
 
 
-def _decode(model: CaptionerModel, images: torch.Tensor, **options: object) -> Callable[[], object]:
+def decode_call(
+    model: CaptionerModel, images: torch.Tensor, **options: object
+) -> Callable[[], object]:
+    """A call that decodes `images` with these `DecodingOptions`, to be timed."""
     opts = DecodingOptions(**options)  # type: ignore[arg-type]
     return lambda: generate(model, images, BOS, EOS, PAD, opts)
 
@@ -86,10 +91,10 @@ def generation_benchmark(
         models["hf"] = hf_captioner(config, BOS, EOS, PAD).eval()
     rows: list[Measurement] = []
     for batch in batch_sizes:
-        images = torch.randn(batch, config.in_channels, *config.image_size)
+        images = torch.randn(batch, config.encoder.in_channels, *config.image_size)
         functions: dict[tuple[str, str], Callable[[], object]] = {}
         for name, k in SEARCHES.items():
-            functions["captioner", name] = _decode(
+            functions["captioner", name] = decode_call(
                 models["captioner"], images, beam_size=k,
                 min_length=caption_tokens, max_length=caption_tokens,
             )  # fmt: skip
@@ -121,9 +126,9 @@ def decoding_benchmark(
     model = CaptionerModel(config).eval()
     rows: list[Measurement] = []
     for batch in batch_sizes:
-        images = torch.randn(batch, config.in_channels, *config.image_size)
+        images = torch.randn(batch, config.encoder.in_channels, *config.image_size)
         functions: dict[tuple[int, bool] | str, Callable[[], object]] = {
-            (length, cached): _decode(
+            (length, cached): decode_call(
                 model, images, min_length=length, max_length=length, use_cache=cached
             )
             for length in lengths
@@ -279,13 +284,14 @@ def training_benchmark(
         models["compiled"] = ours
     if hf:
         models["hf"] = hf_captioner(config, BOS, EOS, PAD).train()
-    images = torch.randn(batch_size, config.in_channels, *config.image_size)
+    images = torch.randn(batch_size, config.encoder.in_channels, *config.image_size)
     batches = {kind: random_captions(config, batch_size, kind) for kind in captions}
 
     def loss(name: str, tokens: torch.Tensor) -> Callable[[], torch.Tensor]:
         if name == "hf":
             return lambda: hf_loss(models["hf"], images, tokens, PAD)
-        caption_loss = torch.compile(ours.caption_loss) if name == "compiled" else ours.caption_loss
+        loss = partial(teacher_forced_loss, ours)
+        caption_loss = torch.compile(loss) if name == "compiled" else loss
         return lambda: caption_loss(images, tokens, PAD)[0]
 
     steps = {
@@ -367,4 +373,63 @@ def data_benchmark(
             seconds = median_seconds({"epoch": lambda loader=loader: list(loader)}, repeats)
             images = len(loader) * batch_size
             rows.append(Throughput(batch_size, count, images / seconds["epoch"]))
+    return rows
+
+
+@dataclass
+class FusionCost:
+    """One decoder variant's costs at one number of image patches."""
+
+    variant: str  # "cross", "prefix", ...
+    patches: int
+    train_ms_per_image: float  # training step (fp32, forward, backward, AdamW), per image
+    train_gflop_per_image: float  # counted by FlopCounterMode, forward + backward
+    train_attention_gflop: float  # forward attention products per image, as trained
+    caption_ms: float  # one caption, greedy, batch 1, KV cache, encoder included
+    caption_attention_mflop: float  # attention products of that caption, as decoded
+    tokens: int  # tokens per decoded caption
+
+
+def fusion_scaling(
+    config: CaptionerConfig,
+    *,
+    variants: dict[str, dict[str, Any]],
+    patches: tuple[int, ...] = (64, 196, 576, 1024),
+    batch_size: int = 8,
+    tokens: int = 16,
+    repeats: int = 5,
+) -> list[FusionCost]:
+    """Training-step and decoding cost of decoder `variants` (name -> `model.decoder` fields to
+    change) as the image grows to `patches` patches (square grids of `config`'s patch size):
+    the variants of one size are timed in turns."""
+    rows = []
+    for count in patches:
+        side = math.isqrt(count)
+        if side * side != count:
+            raise ValueError(f"{count} patches is not a square grid")
+        pixels = side * config.encoder.patch_size
+        encoder = replace(config.encoder, image_size=(pixels, pixels))
+        models, functions = {}, {}
+        images = torch.randn(batch_size, encoder.in_channels, pixels, pixels)
+        captions = random_captions(config, batch_size, "coco")
+        for name, change in variants.items():
+            torch.manual_seed(0)
+            variant = replace(config, encoder=encoder, decoder=replace(config.decoder, **change))
+            model = models[name] = CaptionerModel(variant).eval()  # dropout off: same work
+            loss = partial(teacher_forced_loss, model, images, captions, PAD)
+            functions[name, "train"] = _training_step(model, lambda loss=loss: loss()[0], "fp32")
+            functions[name, "decode"] = decode_call(
+                model, images[:1], min_length=tokens, max_length=tokens
+            )
+        flops = {name: counted_flops(functions[name, "train"]) for name in variants}
+        timed = median_seconds(functions, repeats)
+        words = float((captions != PAD).sum()) / batch_size - 1  # input positions per caption
+        for name, model in models.items():
+            rows.append(FusionCost(
+                name, count, 1000 * timed[name, "train"] / batch_size,
+                flops[name] / batch_size / 1e9,
+                sum(model.attention_flops(round(words), cached=False).values()) / 1e9,
+                1000 * timed[name, "decode"],
+                sum(model.attention_flops(tokens).values()) / 1e6, tokens,
+            ))  # fmt: skip
     return rows

@@ -20,7 +20,7 @@ from captioner.inference import Captioner
 
 class AttentionSamples(Callback):
     """After each validation, captions the first `num_images` validation images and logs each
-    with its per-word cross-attention overlays (mean of layers and heads).
+    with its per-word image-attention overlays (mean of layers and heads).
 
     The same images every time, so a run shows attention sharpening as it trains. Figures go
     to TensorBoard when it is a logger (`attention/<i>`, with the caption as text) and, for
@@ -66,7 +66,7 @@ class AttentionSamples(Callback):
         folder.mkdir(parents=True, exist_ok=True)
         for i, (image, caption) in enumerate(zip(self.images, captions, strict=True)):
             figure = word_overlays(
-                image.permute(1, 2, 0).numpy(), caption.cross_attention, caption.words
+                image.permute(1, 2, 0).numpy(), caption.image_attention, caption.words
             )
             figure.savefig(folder / f"{i}.png", dpi=80)
             for logger in trainer.loggers:

@@ -149,11 +149,12 @@ def _contents(meta: Any, state: Any, source: Path, kind: str) -> CheckpointConte
             f"{config.vocab_size}; the checkpoint is inconsistent."
         )
     preprocess = _field(source, "preprocess", lambda: ImagePreprocess.from_dict(meta["preprocess"]))
-    if preprocess.image_size != config.image_size or len(preprocess.mean) != config.in_channels:
+    channels = config.encoder.in_channels
+    if preprocess.image_size != config.image_size or len(preprocess.mean) != channels:
         raise CheckpointError(
             f"{source}: field 'preprocess' ({list(preprocess.image_size)} px, "
-            f"{len(preprocess.mean)} channels) does not match config.image_size "
-            f"{list(config.image_size)} and config.in_channels {config.in_channels}."
+            f"{len(preprocess.mean)} channels) does not match the encoder's image_size "
+            f"{list(config.image_size)} and in_channels {channels}."
         )
     data = meta.get("data")
     if data is not None:
@@ -177,10 +178,10 @@ def _check_weights(config: CaptionerConfig, state: Any, source: Path) -> None:
         raise CheckpointError(f"{source}: its weights are not a mapping of names to tensors.")
     for stack in ("encoder", "decoder"):
         found = {int(m[1]) for k in state if (m := re.match(rf"{stack}\.blocks\.(\d{{1,9}})\.", k))}
-        depth = getattr(config, f"{stack}_depth")
+        depth = getattr(config, stack).depth
         if found != set(range(depth)):
             raise CheckpointError(
-                f"{source}: field 'config': {stack}_depth is {depth} but the weights hold "
+                f"{source}: field 'config': {stack}.depth is {depth} but the weights hold "
                 f"{len(found)} {stack} blocks; the checkpoint is inconsistent."
             )
     for name, tensor in state.items():
@@ -230,7 +231,8 @@ def _check_weights(config: CaptionerConfig, state: Any, source: Path) -> None:
     if derived > max(stored, 1 << 20):
         raise CheckpointError(
             f"{source}: field 'config': image_size {list(config.image_size)} with patch_size "
-            f"{config.patch_size} would allocate {derived:,} values beside {stored:,} stored."
+            f"{config.encoder.patch_size} would allocate {derived:,} values beside {stored:,} "
+            "stored."
         )
 
 

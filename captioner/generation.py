@@ -2,7 +2,8 @@
 
 Every function runs without gradients and leaves the model's train/eval mode as it was.
 The image is encoded once; with the cache (the default) each step feeds the decoder one
-position per row and the image's cross-attention keys/values are projected once per image,
+position per row and what depends on the image alone (the cross-attention keys/values, or
+the prefix decoder's image positions) is computed once per image,
 shared by all of its beams. `use_cache=False` recomputes the whole prefix at every step: the
 reference that the cached path is tested against.
 """
@@ -104,7 +105,7 @@ class Generated:
     tokens: torch.Tensor  # (B, T) ids, <eos> included where it was generated, then <pad>
     lengths: torch.Tensor  # (B,) tokens per row, <eos> included
     token_logprobs: torch.Tensor  # (B, T) log p(token | image, tokens before), 0 past the end
-    cross_attention: torch.Tensor | None = None  # (B, layers, heads, T, patches)
+    image_attention: torch.Tensor | None = None  # (B, layers, heads, T, patches)
     self_attention: torch.Tensor | None = None  # (B, layers, heads, T, T) over <bos>, tokens
 
 
@@ -133,7 +134,7 @@ class _Stepper:
         self, prefix: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Prefix (N, t) -> log-probabilities (N, vocab) of the next token and, if asked,
-        the newest query's cross-attention (N, layers, heads, S) and self-attention
+        the newest query's image attention (N, layers, heads, S) and self-attention
         (N, layers, heads, t)."""
         tokens = prefix if self.cache is None else prefix[:, -1:]
         out = self.decoder(
@@ -142,10 +143,10 @@ class _Stepper:
         logprobs = out.logits[:, -1].float().log_softmax(dim=-1)
         if not self.need_weights:
             return logprobs, None, None
-        assert out.cross_attention is not None and out.self_attention is not None
-        cross = torch.stack([w[:, :, -1] for w in out.cross_attention], dim=1)
+        assert out.image_attention is not None and out.self_attention is not None
+        image = torch.stack([w[:, :, -1] for w in out.image_attention], dim=1)
         self_weights = torch.stack([w[:, :, -1] for w in out.self_attention], dim=1)
-        return logprobs, cross.float(), self_weights.float()
+        return logprobs, image.float(), self_weights.float()
 
     def reorder(self, rows: torch.Tensor) -> None:
         """Row i continues old row `rows[i]`. Without a cache the prefixes say it all, and the
@@ -158,15 +159,15 @@ class _Recorder:
     """Per-step attention of every row, kept until the finished captions are known."""
 
     def __init__(self, steps: int, rows: int, model: CaptionerModel, device: torch.device):
-        config = model.config
-        layers, heads = config.decoder_depth, config.decoder_heads
-        patches = config.grid_size[0] * config.grid_size[1]
-        self.cross = torch.zeros(steps, rows, layers, heads, patches, device=device)
+        decoder, heads = model.decoder, model.decoder.heads
+        tokens = model.encoder.num_tokens  # every image token, prefix ones included
+        self.image = torch.zeros(steps, rows, decoder.image_layers, heads, tokens, device=device)
+        layers = len(decoder.blocks)
         self.self = torch.zeros(steps, rows, layers, heads, steps, device=device)
 
-    def record(self, step: int, cross: torch.Tensor | None, self_w: torch.Tensor | None) -> None:
-        assert cross is not None and self_w is not None
-        self.cross[step] = cross
+    def record(self, step: int, image: torch.Tensor | None, self_w: torch.Tensor | None) -> None:
+        assert image is not None and self_w is not None
+        self.image[step] = image
         self.self[step, ..., : step + 1] = self_w
 
     def gather(
@@ -178,9 +179,9 @@ class _Recorder:
         steps = query_rows.shape[1]
         at = torch.arange(steps, device=query_rows.device)
         live = (at[None, :] < lengths[:, None]).float()[:, None, None, :, None]  # (M,1,1,T,1)
-        cross = self.cross[at[None, :], query_rows].permute(0, 2, 3, 1, 4) * live
+        image = self.image[at[None, :], query_rows].permute(0, 2, 3, 1, 4) * live
         self_w = self.self[at[None, :], query_rows, ..., :steps].permute(0, 2, 3, 1, 4) * live
-        return cross, self_w
+        return image, self_w
 
 
 def _pick(
@@ -244,12 +245,12 @@ class _Search:
         done = torch.zeros(batch, dtype=torch.bool, device=device)
         ran = 0
         for t in range(steps):
-            logprobs, cross, self_w = stepper(seq[:, : t + 1])
+            logprobs, image, self_w = stepper(seq[:, : t + 1])
             choice = _pick(self.allowed(logprobs, t), options, generator).masked_fill_(done, pad_id)
             seq[:, t + 1] = choice
             token_logprobs[:, t] = logprobs.gather(1, choice[:, None]).squeeze(1)
             if recorder is not None:
-                recorder.record(t, cross, self_w)
+                recorder.record(t, image, self_w)
             done |= choice == eos_id
             ran = t + 1
             if done.all():
@@ -261,7 +262,7 @@ class _Search:
         out = Generated(tokens, lengths, token_logprobs[:, :ran].masked_fill(past_end, 0.0))
         if recorder is not None:
             rows = torch.arange(batch, device=device)[:, None].expand(batch, ran)
-            out.cross_attention, out.self_attention = recorder.gather(rows, lengths)
+            out.image_attention, out.self_attention = recorder.gather(rows, lengths)
         return out
 
     def beam_search(self) -> Generated:
@@ -299,9 +300,9 @@ class _Search:
         alpha = options.length_penalty
         ran = 0
         for t in range(steps):
-            logprobs, cross, self_w = stepper(seq[:, : t + 1])  # (rows, V)
+            logprobs, image, self_w = stepper(seq[:, : t + 1])  # (rows, V)
             if recorder is not None:
-                recorder.record(t, cross, self_w)
+                recorder.record(t, image, self_w)
             vocab = logprobs.shape[1]
             scores = self.allowed(logprobs, t) + beam_scores.view(rows, 1)
             top_scores, top = scores.view(batch, k * vocab).topk(2 * k, dim=1)  # (B, 2k)
@@ -387,7 +388,7 @@ class _Search:
         lengths = end + 1
         out = Generated(tokens, lengths, token_logprobs)
         if self.recorder is not None:
-            out.cross_attention, out.self_attention = self.recorder.gather(query_rows, lengths)
+            out.image_attention, out.self_attention = self.recorder.gather(query_rows, lengths)
         return out
 
 
@@ -405,7 +406,7 @@ def generate(
 ) -> Generated:
     """Captions for a batch of normalised images (B, C, H, W), one per image.
 
-    With `need_weights` the result carries each token's cross- and self-attention, through the
+    With `need_weights` the result carries each token's image and self-attention, through the
     explicit attention path. `generator` makes sampling reproducible.
     """
     options = options or DecodingOptions()

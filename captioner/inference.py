@@ -5,7 +5,7 @@ from captioner.inference import Captioner
 
 captioner = Captioner.from_checkpoint("logs/train/runs/<run>/checkpoints/last.ckpt")
 for result in captioner.caption(["cat.jpg", "dog.png"], beam_size=3, return_attention=True):
-    print(result.text, result.cross_attention.shape)  # (layers, heads, tokens, grid_h, grid_w)
+    print(result.text, result.image_attention.shape)  # (layers, heads, tokens, grid_h, grid_w)
 ```
 """
 
@@ -26,7 +26,7 @@ from captioner.data.transforms import ImagePreprocess, load_image
 from captioner.errors import ConfigError, ImageLoadError
 from captioner.generation import DecodingOptions, Generated, generate
 from captioner.models import CaptionerModel
-from captioner.models.encoder import VisionEncoder
+from captioner.models.encoder import ImageEncoder
 
 ImageInput = Image.Image | torch.Tensor | str | Path
 
@@ -43,7 +43,7 @@ class Caption:
     tokens: list[int]  # generated ids, <eos> included when it was generated
     words: list[str]  # the tokens as words ("<eos>" for the end)
     token_logprobs: torch.Tensor  # (T,) log p(token | image, tokens before it)
-    cross_attention: torch.Tensor | None = None  # (layers, heads, T, grid_h, grid_w)
+    image_attention: torch.Tensor | None = None  # (layers, heads, T, grid_h, grid_w)
     self_attention: torch.Tensor | None = None  # (layers, heads, T, T): keys <bos>, tokens[:-1]
     encoder_attention: torch.Tensor | None = None  # (layers, heads, patches, patches)
 
@@ -84,7 +84,7 @@ class Captioner:
 
     @property
     def grid_size(self) -> tuple[int, int]:
-        """Patch grid (rows, columns) of the cross-attention maps."""
+        """Patch grid (rows, columns) of the image-attention maps."""
         return self.model.encoder.grid_size
 
     def images_to_batch(self, images: Sequence[ImageInput]) -> torch.Tensor:
@@ -186,7 +186,7 @@ class Captioner:
             yield from flush()
 
 
-def to_captions(out: Generated, tokenizer: Tokenizer, encoder: VisionEncoder) -> list[Caption]:
+def to_captions(out: Generated, tokenizer: Tokenizer, encoder: ImageEncoder) -> list[Caption]:
     """One `Caption` per row of a `generate` result, its attention (if recorded) cut to the
     caption's length and its patches laid out on the encoder's grid, prefix tokens dropped."""
     prefix = encoder.num_prefix_tokens
@@ -200,9 +200,9 @@ def to_captions(out: Generated, tokenizer: Tokenizer, encoder: VisionEncoder) ->
             words=[tokenizer.itos[j] for j in ids],
             token_logprobs=out.token_logprobs[i, :length].cpu(),
         )
-        if out.cross_attention is not None and out.self_attention is not None:
-            cross = out.cross_attention[i, :, :, :length, prefix:]  # (L, H, T, patches)
-            caption.cross_attention = cross.unflatten(-1, encoder.grid_size).cpu()
+        if out.image_attention is not None and out.self_attention is not None:
+            cross = out.image_attention[i, :, :, :length, prefix:]  # (L, H, T, patches)
+            caption.image_attention = cross.unflatten(-1, encoder.grid_size).cpu()
             caption.self_attention = out.self_attention[i, :, :, :length, :length].cpu()
         results.append(caption)
     return results

@@ -1,25 +1,27 @@
-"""Training and evaluation of a `CaptionerModel` with Lightning: label shift, loss, metrics."""
+"""Training a `CaptionerModel` with Lightning: build, step (label shift, loss), optimise.
+
+Validation and test hand their batches to `captioner.evaluation.SplitEvaluator`.
+"""
 
 from __future__ import annotations
 
 import logging
 import math
 import warnings
-from collections import defaultdict
 from collections.abc import Callable
-from typing import Any, NamedTuple, Protocol
+from functools import partial
+from typing import Any
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 from lightning import LightningModule
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
 from captioner.errors import CheckpointError, ConfigError, DataError, TrainingError
-from captioner.generation import DecodingOptions, Generated, generate
-from captioner.inference import to_captions
-from captioner.metrics import GroundingMeter, box_coverage, caption_scores, grounding_loss
+from captioner.evaluation import SplitEvaluator, TokenizerLike
+from captioner.generation import DecodingOptions
+from captioner.loss import linear_cross_entropy
+from captioner.metrics import box_coverage, grounding_loss
 from captioner.models import CaptionerConfig, CaptionerModel
 from captioner.seeding import mix_seed
 from captioner.values import is_int, short
@@ -29,17 +31,6 @@ log = logging.getLogger(__name__)
 # Evaluation metrics are computed once, on rank 0, and broadcast: identical on every rank
 # without the reduction Lightning suggests for per-rank values.
 warnings.filterwarnings("ignore", r".*`self\.log\('(val|test)\w*/.*sync_dist=True.*")
-
-
-class TokenizerLike(Protocol):
-    pad_id: int
-    bos_id: int
-    eos_id: int
-    itos: list[str]
-
-    def __len__(self) -> int: ...
-    def decode(self, ids: Any) -> str: ...
-    def to_dict(self) -> dict[str, Any]: ...
 
 
 def warmup_cosine_schedule(
@@ -61,24 +52,35 @@ def warmup_cosine_schedule(
     return LambdaLR(optimizer, factor)
 
 
-class EvalRow(NamedTuple):
-    """One scored image: what each process keeps, and rank 0 gathers, to score a split."""
+def teacher_forced_loss(
+    net: CaptionerModel,
+    images: torch.Tensor,
+    tokens: torch.Tensor,
+    pad_id: int,
+    label_smoothing: float = 0.0,
+    need_weights: bool = False,
+) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    """Next-word loss of captions `tokens` (B, T), <bos> first: the decoder reads
+    tokens[:, :-1] and is scored on tokens[:, 1:], padding ignored. Returns the mean loss and,
+    with `need_weights`, the image attention per layer (B, heads, T - 1, S).
 
-    image_id: Any
-    source: str  # the file or shard entry it was read from
-    caption: str  # generated
-    references: list[str]
-    loss: float  # summed cross-entropy of its target tokens (reference 0, teacher-forced)
-    tokens: int  # how many target tokens that sum covers
-    scene: Any  # the ground truth, on data that has it (shapes), else None
-    grounding: GroundingMeter | None  # this caption's word -> object looks, with a scene
+    The output projection and the loss are fused (`linear_cross_entropy`): the logits are
+    never stored, and padded positions are never projected.
+    """
+    states = net.features(images, tokens[:, :-1], need_weights=need_weights)
+    loss = linear_cross_entropy(
+        states.hidden, net.output_weight, tokens[:, 1:], pad_id, label_smoothing
+    )
+    return loss, states.image_attention
 
 
 class CaptionerLitModule(LightningModule):
-    """Teacher-forced training; validation and test decode and score the captions.
+    """Teacher-forced training; validation and test decode and score the captions
+    (`SplitEvaluator`).
 
-    Architecture keys (`model.patch_size`, `model.encoder_dim`, ...) arrive as keyword arguments
-    and become a `CaptionerConfig`. Every checkpoint also keeps the tokenizer, the image
+    The architecture (`model.max_len`, `model.dropout`, `model.encoder`, `model.decoder`)
+    arrives as keyword arguments and becomes a `CaptionerConfig`. Every checkpoint also keeps
+    the tokenizer, the image
     preprocessing (`ImagePreprocess.to_dict()`) and the data config (`data_config`), so one
     file rebuilds the captioner and finds its test set. `decoding` holds `DecodingOptions`
     fields for validation and test (greedy by default); `spice` adds SPICE to test metrics.
@@ -91,10 +93,8 @@ class CaptionerLitModule(LightningModule):
     batch (no checkpoint is written after it), `skip` logs it and leaves the weights as they
     were.
 
-    Under DDP each process decodes its share of a split; at the end of the epoch rank 0
-    gathers every image's row, keeps each image once, scores the split (pycocoevalcap's Java
-    runs there only) and broadcasts the metrics, so every rank logs, checkpoints and stops on
-    the same numbers. `predictions` then holds every image on rank 0.
+    Under DDP each process decodes its share of a split; at the end of the epoch the metrics
+    are the same on every rank, and `predictions` (every image's caption) are on rank 0.
     """
 
     def __init__(
@@ -139,40 +139,23 @@ class CaptionerLitModule(LightningModule):
         self.run_seed = torch.initial_seed()  # as `seed_everything` left it
         # torch.compile covers the training loss only: decoding's cache grows by one position
         # per step, which would recompile at every step, so evaluation stays eager
-        self._train_loss = (
-            torch.compile(self.net.caption_loss) if compile else self.net.caption_loss
-        )
+        loss = partial(teacher_forced_loss, self.net)
+        self._train_loss = torch.compile(loss) if compile else loss
         try:
             self.decoding = DecodingOptions(**(decoding or {}))
         except TypeError as err:
             raise ConfigError(f"unknown decoding key: {err}") from None
         self.decoding.resolve_max_length(self.config)  # fail before training, not after
-        self.spice = spice
-        self._outputs: dict[str, list[EvalRow]] = defaultdict(list)  # this process's share
+        self.evaluator = SplitEvaluator(
+            self.net, tokenizer, self.decoding, label_smoothing=label_smoothing, spice=spice
+        )
         # split -> {image id: caption}, kept after each validation or test epoch (on rank 0)
         self.predictions: dict[str, dict[Any, str]] = {}
 
     def loss(self, batch: dict[str, Any]) -> torch.Tensor:
-        """Next-word cross-entropy: inputs are tokens[:-1], targets tokens[1:]; pads ignored.
-
-        Fused with the output projection (`CaptionerModel.caption_loss`): no logits stored.
-        """
+        """Next-word cross-entropy of the batch's captions (`teacher_forced_loss`)."""
         tokens, pad_id = batch["tokens"], self.tokenizer.pad_id
         return self._train_loss(batch["images"], tokens, pad_id, self.label_smoothing)[0]
-
-    def caption_losses(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each caption's summed cross-entropy (B,) and its number of target tokens (B,): what
-        evaluation adds up over a split, whichever process scored which image."""
-        targets = batch["tokens"][:, 1:]
-        logits = self.net(batch["images"], batch["tokens"][:, :-1])
-        losses = F.cross_entropy(
-            logits.flatten(0, 1).float(),
-            targets.flatten(),
-            ignore_index=self.tokenizer.pad_id,
-            label_smoothing=self.label_smoothing,
-            reduction="none",
-        )
-        return losses.view_as(targets).sum(1), (targets != self.tokenizer.pad_id).sum(1)
 
     def supervised_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """Caption loss and grounding loss, from one pass through the explicit attention path.
@@ -185,17 +168,17 @@ class CaptionerLitModule(LightningModule):
                 "model.attention_supervision needs to know which object each word names, which "
                 "only data=shapes provides: set model.attention_supervision=0 for this data."
             )
-        loss, cross_attention = self._train_loss(
+        loss, image_attention = self._train_loss(
             batch["images"], batch["tokens"], self.tokenizer.pad_id, self.label_smoothing,
             need_weights=True,
         )  # fmt: skip
-        assert cross_attention is not None
-        prefix = self.net.encoder.num_prefix_tokens
+        assert image_attention is not None
+        encoder = self.net.encoder
         coverage, _ = box_coverage(
-            batch["word_boxes"][:, 1:], self.config.grid_size, self.config.patch_size
+            batch["word_boxes"][:, 1:], encoder.grid_size, encoder.patch_size
         )  # (B, T - 1, grid_h, grid_w)
-        cross = [layer[..., prefix:] for layer in cross_attention]
-        return loss, grounding_loss(cross, coverage.flatten(2))
+        patches = [layer[..., encoder.num_prefix_tokens :] for layer in image_attention]
+        return loss, grounding_loss(patches, coverage.flatten(2))
 
     def on_train_batch_start(self, batch: dict[str, Any], batch_idx: int) -> None:
         """Dropout's random numbers for this batch from (seed, rank, epoch, batch) alone: a
@@ -279,118 +262,25 @@ class CaptionerLitModule(LightningModule):
             )
         log.warning("non-finite %s at %s, images %s: step skipped", what, where, images)
 
-    def generate(self, images: torch.Tensor, need_weights: bool = False) -> Generated:
-        """Captions for a batch of normalised images, decoded with `self.decoding`."""
-        tok = self.tokenizer
-        return generate(
-            self.net, images, tok.bos_id, tok.eos_id, tok.pad_id, self.decoding,
-            need_weights=need_weights,
-        )  # fmt: skip
-
-    def _eval_step(self, batch: dict[str, Any]) -> None:
-        outputs = self._outputs[batch["split"]]  # a split whose every image is bad shows up
-        if not batch["image_ids"]:  # every sample in it was bad and skipped
-            return
-        losses, counts = self.caption_losses(batch)
-        scenes = batch.get("scenes")
-        out = self.generate(batch["images"], need_weights=scenes is not None)
-        size = len(batch["image_ids"])
-        rows = zip(
-            batch["image_ids"],
-            batch["sources"],
-            [self.tokenizer.decode(row.tolist()) for row in out.tokens],
-            batch["references"],
-            losses.tolist(),
-            counts.tolist(),
-            scenes or [None] * size,
-            self._grounding_meters(out, list(scenes)) if scenes is not None else [None] * size,
-            strict=True,
-        )
-        outputs.extend(EvalRow(*row) for row in rows)
-
-    def _grounding_meters(self, out: Generated, scenes: list[Any]) -> list[GroundingMeter]:
-        """Each generated caption's word -> object looks, in a meter of its own, so that an image
-        seen twice (DDP padding) can be counted once."""
-        meters = []
-        for scene, caption in zip(
-            scenes, to_captions(out, self.tokenizer, self.net.encoder), strict=True
-        ):
-            words = [w for w in caption.words if w != "<eos>"]
-            assert caption.cross_attention is not None
-            meter = GroundingMeter(self.config.patch_size)
-            boxes = [obj.box for obj in scene.objects]
-            meter.update(caption.cross_attention, scene.align(words), boxes)
-            meters.append(meter)
-        return meters
-
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch)
+        self.evaluator.add(batch)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(batch)
+        self.evaluator.add(batch)
 
-    def _score(self, split: str, rows: list[EvalRow]) -> dict[str, float]:
-        """The split's metrics over all of its images."""
-        predictions = {row.image_id: row.caption for row in rows}
-        references = {row.image_id: row.references for row in rows}
-        is_test = split.startswith("test")  # METEOR's Java start-up is kept out of val
-        metrics = caption_scores(
-            predictions, references, meteor=is_test, spice=is_test and self.spice
-        )
-        # per target token over the split, as a single process over one batch would have it
-        metrics["loss"] = sum(row.loss for row in rows) / max(1, sum(row.tokens for row in rows))
-        if rows[0].scene is not None:  # ground truth known: is every caption fully correct?
-            correct = [row.scene.caption_is_correct(row.caption) for row in rows]
-            metrics["scene_acc"] = sum(correct) / len(correct)
-        meters = [row.grounding for row in rows if row.grounding is not None]
-        if meters:
-            meter = GroundingMeter(self.config.patch_size)
-            for part in meters:
-                meter.merge(part)
-            metrics.update(meter.compute())
-        return metrics
+    def on_validation_epoch_end(self) -> None:
+        self._log_scores()
 
-    def _eval_epoch_end(self) -> None:
-        parts = gather_rows(dict(self._outputs))
-        self._outputs.clear()
-        outcome: dict[str, Any] = {}
-        if parts is not None:  # rank 0: score, or say why not, for every rank to act on
-            try:
-                outcome["metrics"] = self._score_splits(merge_rows(parts))
-            except DataError as err:
-                outcome["error"] = str(err)
-        outcome = broadcast_object(outcome)
-        if "error" in outcome:
-            raise DataError(outcome["error"])
-        for name, value in outcome["metrics"].items():
+    def on_test_epoch_end(self) -> None:
+        self._log_scores()
+
+    def _log_scores(self) -> None:
+        metrics, captions = self.evaluator.finish(self.trainer.sanity_checking)
+        self.predictions.update(captions)
+        for name, value in metrics.items():
             split, key = name.split("/", 1)
             shown = key in ("CIDEr", "scene_acc") or (key == "loss" and split == "val")
             self.log(name, value, add_dataloader_idx=False, prog_bar=shown)
-
-    def _score_splits(self, splits: dict[str, list[EvalRow]]) -> dict[str, float]:
-        """Every split's metrics, prefixed with its name; keeps its captions in `predictions`.
-
-        A split whose every image was bad (and skipped) stops the run: there would be no
-        metric to report, and a checkpoint monitoring it would fail an epoch later.
-        """
-        metrics: dict[str, float] = {}
-        for split, rows in splits.items():
-            if not rows:
-                if self.trainer.sanity_checking:  # a few batches only: the split may be fine
-                    continue
-                raise DataError(
-                    f"every image of the {split} split was unusable and skipped (each is logged "
-                    "above): fix or replace them, or point the data config at usable images."
-                )
-            metrics.update({f"{split}/{k}": v for k, v in self._score(split, rows).items()})
-            self.predictions[split] = {row.image_id: row.caption for row in rows}
-        return metrics
-
-    def on_validation_epoch_end(self) -> None:
-        self._eval_epoch_end()
-
-    def on_test_epoch_end(self) -> None:
-        self._eval_epoch_end()
 
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW-style groups: weight decay on matrices only, not on biases, norms or positions."""
@@ -435,49 +325,3 @@ class CaptionerLitModule(LightningModule):
         if not (is_int(seed) and 0 <= seed < 2**64):
             raise CheckpointError(f"the checkpoint's run_seed {short(seed)} is not a seed.")
         self.run_seed = seed
-
-
-def _rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def gather_rows(outputs: dict[str, list[EvalRow]]) -> list[dict[str, list[EvalRow]]] | None:
-    """Every process's rows, per split, on rank 0 (None on the others)."""
-    rank, world_size = _rank_and_world()
-    if world_size == 1:
-        return [outputs]
-    parts: list[Any] = [None] * world_size
-    dist.gather_object(outputs, parts if rank == 0 else None, dst=0)
-    return parts if rank == 0 else None
-
-
-def merge_rows(parts: list[dict[str, list[EvalRow]]]) -> dict[str, list[EvalRow]]:
-    """The processes' rows per split, each image once.
-
-    A row seen twice from the same source is dropped: a sampler that pads the last batch by
-    repeating images (Lightning's under FSDP) must not count it twice. Two sources under
-    one image id are a `DataError`: keeping one would silently leave the other unscored.
-    """
-    merged: dict[str, dict[Any, EvalRow]] = {}
-    for part in parts:
-        for split, rows in part.items():
-            unique = merged.setdefault(split, {})
-            for row in rows:
-                first = unique.setdefault(row.image_id, row)
-                if first.source != row.source:
-                    raise DataError(
-                        f"image id {row.image_id!r} names two images of the {split} split, "
-                        f"{first.source} and {row.source}: give every image its own id."
-                    )
-    return {split: list(rows.values()) for split, rows in merged.items()}
-
-
-def broadcast_object(value: Any) -> Any:
-    """Rank 0's `value` on every rank."""
-    if _rank_and_world()[1] == 1:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]

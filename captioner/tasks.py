@@ -138,8 +138,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
                 for stale in remove_stale_temporaries(folder):
                     log.warning("removed %s, left by a checkpoint write that was killed", stale)
         start = time.perf_counter()
-        started = _TrainingStarted()
-        trainer.callbacks.append(started)
+        started, steps = _TrainingStarted(), _StepTimer()
+        trainer.callbacks.extend([started, steps])
         with (
             _sigterm_reported("before the first training step; nothing was saved"),
             _restore_errors(ckpt_path, started),
@@ -170,6 +170,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             )  # fmt: skip
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test")}
     metrics["train/seconds"] = round(fit_seconds, 1)
+    metrics["train/steps"] = float(trainer.global_step)
+    metrics["model/params"] = float(num_params)
+    if cfg.get("train", True) and steps.seconds:
+        metrics["train/images_per_s"] = round(steps.images / steps.seconds, 2)
     metrics.update(_data_metrics(datamodule, trainer))
 
     metrics_path = _write_json(cfg, "metrics.json", dict(sorted(metrics.items())), trainer)
@@ -224,15 +228,26 @@ def _resumable(path: Path) -> CheckpointContents:
 def _check_same_architecture(contents: CheckpointContents, config: CaptionerConfig) -> None:
     """Resuming needs the model the checkpoint was trained as (dropout may change): name
     every key that differs."""
-    theirs, ours = contents.config.to_dict(), config.to_dict()
+    theirs, ours = _flat(contents.config.to_dict()), _flat(config.to_dict())
     changed = [key for key in ours if ours[key] != theirs[key] and key != "dropout"]
     if changed:
-        names = {key: "data.image_size" if key == "image_size" else f"model.{key}" for key in ours}
+        names = {k: "data.image_size" if k == "encoder.image_size" else f"model.{k}" for k in ours}
         differences = ", ".join(f"{names[k]}={theirs[k]} (this run: {ours[k]})" for k in changed)
         raise ConfigError(
             f"ckpt_path={contents.source} was trained with {differences}: resume with the "
             "settings it was trained with, or start a new run."
         )
+
+
+def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"encoder": {"dim": 64}} -> {"encoder.dim": 64}."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _check_run_folders(folders: list[Path], ckpt_path: Path | None) -> None:
@@ -262,6 +277,23 @@ class _TrainingStarted(Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, *args: Any) -> None:
         self.started = self.started or self.batches > 0
+
+
+class _StepTimer(Callback):
+    """Images and seconds spent in training steps (forward, backward, optimizer; not loading,
+    not validation), over every process: the training throughput a run reports."""
+
+    def __init__(self) -> None:
+        self.images, self.seconds, self._start = 0, 0.0, 0.0
+
+    def on_train_batch_start(self, trainer: L.Trainer, module: Any, batch: Any, *args: Any) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, module: Any, outputs: Any, batch: Any, *args: Any
+    ) -> None:
+        self.seconds += time.perf_counter() - self._start
+        self.images += len(batch["image_ids"]) * trainer.world_size
 
 
 @contextmanager

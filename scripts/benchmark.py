@@ -7,6 +7,9 @@ architecture, with model FLOPs utilisation against this machine's matmul peak, m
 generation: captions/s, greedy and beam 3, 20 tokens each, at batch 1 and 32, both models.
 decoding: our time per generated token at lengths 16, 32 and 64, with and without the KV cache.
 data: images/s through the JSONL/COCO loader (COCO-sized JPEGs, per worker).
+fusion (only when asked, --only fusion): cross-attention against prefix decoding as the image
+grows (--patches): a training step's time and FLOPs, one caption's decoding time, attention
+FLOPs of both.
 For randomly initialised models of a `conf/model/` preset; medians of repeated runs in turns.
 """
 
@@ -18,6 +21,7 @@ import json
 import math
 import os
 import platform
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +32,14 @@ from rich.console import Console
 from rich.table import Table
 
 from captioner.benchmark import (
+    FusionCost,
     Measurement,
     Throughput,
     TrainingSpeed,
     cache_summary,
     data_benchmark,
     decoding_benchmark,
+    fusion_scaling,
     generation_benchmark,
     training_benchmark,
 )
@@ -41,24 +47,35 @@ from captioner.models import CaptionerConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("training", "generation", "decoding", "data")
+FUSIONS = {
+    "cross": {"kind": "cross"},
+    "prefix": {"kind": "prefix"},
+}
 LABELS = {"captioner": "ours", "compiled": "ours, compiled", "hf": "HF"}
 
 
-def preset_config(name: str, image_size: int, vocab_size: int) -> CaptionerConfig:
-    """The architecture of `model=<name>` at this image size, as training would build it."""
+def preset_config(
+    name: str, image_size: int, vocab_size: int, overrides: Sequence[str] = ()
+) -> CaptionerConfig:
+    """The architecture of `model=<name>` with `overrides` (`model/decoder=prefix`,
+    `model.decoder.depth=4`, ...) at this image size, as training would build it."""
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[f"model={name}", f"data.image_size={image_size}"])
+        cfg = compose(
+            "train", overrides=[f"model={name}", f"data.image_size={image_size}", *overrides]
+        )
     model = OmegaConf.to_container(cfg.model, resolve=True)
     keys = {field.name for field in dataclasses.fields(CaptionerConfig)}
-    return CaptionerConfig(
-        **{k: v for k, v in model.items() if k in keys},
-        vocab_size=vocab_size,  # type: ignore[union-attr]
-    )
+    architecture = {k: v for k, v in model.items() if k in keys}  # type: ignore[union-attr]
+    return CaptionerConfig.from_dict({**architecture, "vocab_size": vocab_size})
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="tiny", help="a preset in conf/model/")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE",
+        help="Hydra overrides of the model, e.g. model/decoder=prefix model.decoder.depth=4",
+    )  # fmt: skip
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--vocab-size", type=int, default=10_000, help="COCO-sized by default")
     parser.add_argument("--train-batch", type=int, default=64, help="training and loader batch")
@@ -67,7 +84,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7, help="timed runs per figure")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="loader processes")
-    parser.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS))
+    parser.add_argument("--only", nargs="+", choices=(*PARTS, "fusion"), default=list(PARTS))
+    parser.add_argument(
+        "--patches", type=int, nargs="+", default=[64, 196, 576, 1024], help="fusion: grids"
+    )
     parser.add_argument("--no-hf", action="store_true", help="leave out the Hugging Face model")
     parser.add_argument(
         "--compile", action="store_true", help="also train ours through torch.compile"
@@ -75,7 +95,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="JSON on stdout instead of tables")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    config = preset_config(args.model, args.image_size, args.vocab_size)
+    config = preset_config(args.model, args.image_size, args.vocab_size, args.overrides)
     hf, batches, repeats = not args.no_hf, tuple(args.batch_sizes), args.repeats
     training, generation, decoding, loading = [], [], [], []
     if "training" in args.only:
@@ -91,6 +111,11 @@ def main() -> None:
         loading = data_benchmark(
             config, batch_size=args.train_batch, workers=tuple(args.workers), repeats=3
         )
+    fusion = []
+    if "fusion" in args.only:
+        fusion = fusion_scaling(
+            config, variants=FUSIONS, patches=tuple(args.patches), repeats=repeats
+        )
     setting = {
         "model": args.model, "image_size": args.image_size, "vocab_size": args.vocab_size,
         "caption_tokens": config.max_len, "threads": args.threads, "repeats": repeats,
@@ -105,6 +130,7 @@ def main() -> None:
             "decoding": [dataclasses.asdict(r) for r in decoding],
             "cache_summary": cache_summary(decoding),
             "data": [{**dataclasses.asdict(r), "per_worker": r.per_worker} for r in loading],
+            "fusion": [dataclasses.asdict(r) for r in fusion],
         }
         print(json.dumps(report, indent=2))
         return
@@ -118,6 +144,8 @@ def main() -> None:
         print_decoding(console, decoding)
     if loading:
         print_loading(console, loading, training)
+    if fusion:
+        print_fusion(console, fusion)
 
 
 def _ratio(ours: float, theirs: float | None) -> str:
@@ -184,6 +212,30 @@ def print_loading(console: Console, rows: list[Throughput], training: list[Train
             f"one loader process makes {one / train:.1f}x the images our training step consumes "
             f"({train:.1f}/s): {math.ceil(train / one)} worker(s) keep it fed"
         )
+
+
+def print_fusion(console: Console, rows: list[FusionCost]) -> None:
+    """Each variant's costs per patch count, and prefix over cross."""
+    table = Table(
+        title=f"cross vs prefix as the image grows (medians; decoding: {rows[0].tokens} tokens)"
+    )
+    columns = (
+        "patches", "variant", "train ms/image", "train GFLOP/image", "attention GFLOP",
+        "caption ms", "caption attention MFLOP", "train time / cross", "caption time / cross",
+    )  # fmt: skip
+    for column in columns:
+        table.add_column(column, justify="left" if column == "variant" else "right")
+    cross = {r.patches: r for r in rows if r.variant == "cross"}
+    for r in rows:
+        base = cross.get(r.patches)
+        table.add_row(
+            str(r.patches), r.variant, f"{r.train_ms_per_image:.1f}",
+            f"{r.train_gflop_per_image:.3f}", f"{r.train_attention_gflop:.3f}",
+            f"{r.caption_ms:.1f}", f"{r.caption_attention_mflop:.1f}",
+            _ratio(r.train_ms_per_image, base and base.train_ms_per_image),
+            _ratio(r.caption_ms, base and base.caption_ms),
+        )  # fmt: skip
+    console.print(table)
 
 
 if __name__ == "__main__":

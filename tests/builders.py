@@ -31,9 +31,9 @@ TEST_ONLY_WORD = "zebra"
 
 # overrides for a model small enough to train in seconds on 32 px images
 TINY_IMAGE_MODEL = (
-    "model=tiny", "model.patch_size=8", "model.encoder_dim=32", "model.encoder_depth=1",
-    "model.encoder_heads=2", "model.decoder_dim=32", "model.decoder_depth=1",
-    "model.decoder_heads=2", "data.image_size=32", "data.min_freq=1",
+    "model=tiny", "model.encoder.patch_size=8", "model.encoder.dim=32", "model.encoder.depth=1",
+    "model.encoder.heads=2", "model.decoder.dim=32", "model.decoder.depth=1",
+    "model.decoder.heads=2", "data.image_size=32", "data.min_freq=1",
 )  # fmt: skip
 # overrides that keep a training run quiet: no progress bar, figures, learning-rate log or logger
 QUIET = (

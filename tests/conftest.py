@@ -31,13 +31,29 @@ def train_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
     return lambda *overrides: compose_train(*overrides, output_dir=tmp_path)
 
 
-def tiny_config(**changes: object) -> CaptionerConfig:
+def tiny_config(decoder: str = "cross", **changes: object) -> CaptionerConfig:
+    """A tiny non-square model's config; `changes` in the flat names of the first checkpoint
+    format (`encoder_dim`, `decoder_depth`, ...), `decoder` the decoder's kind."""
     values: dict = dict(
         vocab_size=23, image_size=(16, 24), patch_size=4, encoder_dim=32, encoder_depth=2,
         encoder_heads=4, decoder_dim=24, decoder_depth=2, decoder_heads=2, max_len=12,
     )  # fmt: skip
     values.update(changes)
-    return CaptionerConfig(**values)
+    config = CaptionerConfig.from_dict(values)
+    config.decoder.kind = decoder
+    config.validate()
+    return config
+
+
+# The ways a decoder reads the image: every invariant of a caption decoder holds for each.
+FUSIONS = {"cross": {}, "prefix": {"decoder": "prefix"}}
+
+
+@pytest.fixture(scope="session", params=list(FUSIONS))
+def fusion_model(request: pytest.FixtureRequest) -> CaptionerModel:
+    """The tiny model with each fusion (`FUSIONS`)."""
+    torch.manual_seed(0)
+    return CaptionerModel(tiny_config(**FUSIONS[request.param])).eval()
 
 
 @pytest.fixture(scope="session")

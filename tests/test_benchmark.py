@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 from conftest import tiny_config
@@ -21,6 +22,7 @@ from captioner.benchmark import (
     cache_summary,
     counted_flops,
     decoding_benchmark,
+    fusion_scaling,
     generation_benchmark,
     matmul_peak,
     random_captions,
@@ -36,14 +38,16 @@ def test_hf_baseline_has_our_architecture_and_loss() -> None:
     hf = hf_captioner(CONFIG, BOS, EOS, PAD)
     encoder, decoder = hf.config.encoder, hf.config.decoder
     assert (encoder.hidden_size, encoder.num_hidden_layers, encoder.num_attention_heads) == (
-        CONFIG.encoder_dim, CONFIG.encoder_depth, CONFIG.encoder_heads,
+        CONFIG.encoder.dim, CONFIG.encoder.depth, CONFIG.encoder.heads,
     )  # fmt: skip
     assert (decoder.hidden_size, decoder.num_hidden_layers, decoder.num_attention_heads) == (
-        CONFIG.decoder_dim, CONFIG.decoder_depth, CONFIG.decoder_heads,
+        CONFIG.decoder.dim, CONFIG.decoder.depth, CONFIG.decoder.heads,
     )  # fmt: skip
-    assert encoder.intermediate_size == 4 * CONFIG.encoder_dim
-    assert decoder.intermediate_size == 4 * CONFIG.decoder_dim
-    assert decoder.vocab_size == CONFIG.vocab_size and encoder.patch_size == CONFIG.patch_size
+    assert encoder.intermediate_size == 4 * CONFIG.encoder.dim
+    assert decoder.intermediate_size == 4 * CONFIG.decoder.dim
+    assert (
+        decoder.vocab_size == CONFIG.vocab_size and encoder.patch_size == CONFIG.encoder.patch_size
+    )
     ours = CaptionerModel(CONFIG).num_parameters()
     theirs = sum(p.numel() for p in hf.parameters())
     assert abs(theirs - ours) / ours < 0.05  # a CLS token, biases and BERT's head transform
@@ -133,3 +137,25 @@ def test_benchmark_script_writes_json() -> None:
     }
     assert all(r["mfu"] > 0 for r in report["training"])
     assert len(report["generation"]) == 4 and report["decoding"] == []
+
+
+def test_fusion_scaling_grows_the_image_and_counts_what_each_fusion_reads() -> None:
+    rows = fusion_scaling(
+        CONFIG, variants={"cross": {"kind": "cross"}, "prefix": {"kind": "prefix"}},
+        patches=(4, 16), batch_size=2, tokens=3, repeats=1,
+    )  # fmt: skip
+    assert [(r.patches, r.variant) for r in rows] == [
+        (4, "cross"), (4, "prefix"), (16, "cross"), (16, "prefix")
+    ]  # fmt: skip
+    cost = {(r.patches, r.variant): r for r in rows}
+    for count in (4, 16):
+        cross, prefix = cost[count, "cross"], cost[count, "prefix"]
+        assert prefix.train_attention_gflop > cross.train_attention_gflop > 0
+        assert prefix.caption_attention_mflop > cross.caption_attention_mflop > 0
+        assert min(cross.train_ms_per_image, prefix.caption_ms) > 0
+    # n image tokens cost the prefix (n + m)^2 and cross n * m: the gap widens with n
+    gap = {n: cost[n, "prefix"].train_attention_gflop / cost[n, "cross"].train_attention_gflop
+           for n in (4, 16)}  # fmt: skip
+    assert gap[16] > gap[4]
+    with pytest.raises(ValueError, match="square grid"):
+        fusion_scaling(CONFIG, variants={"cross": {}}, patches=(5,), repeats=1)

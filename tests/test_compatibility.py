@@ -30,5 +30,5 @@ def test_a_first_format_checkpoint_captions_as_it_did(decoding: str) -> None:
             caption.token_logprobs, torch.tensor(want["token_logprobs"]), atol=1e-5, rtol=1e-5
         )
         torch.testing.assert_close(
-            caption.cross_attention, torch.tensor(want["cross_attention"]), atol=1e-5, rtol=1e-5
+            caption.image_attention, torch.tensor(want["cross_attention"]), atol=1e-5, rtol=1e-5
         )

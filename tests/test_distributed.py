@@ -22,10 +22,10 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from captioner.data import ShapesDataModule, WebDataModule
 from captioner.errors import ConfigError, DataError
-from captioner.lit_module import EvalRow, gather_rows, merge_rows
+from captioner.evaluation import EvalRow, gather_rows, merge_rows
 from captioner.metrics import GroundingMeter
 from captioner.models import CaptionerModel
-from captioner.models.blocks import DecoderBlock, EncoderBlock
+from captioner.models.blocks import Block, DecoderBlock
 from captioner.tasks import CONF_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -205,7 +205,7 @@ def test_fsdp_config_wraps_each_encoder_and_decoder_block(tmp_path: Path) -> Non
     policy = strategy.kwargs["auto_wrap_policy"]
     model = CaptionerModel(tiny_config())
     wrapped = [m for m in model.modules() if policy(module=m, recurse=False, nonwrapped_numel=0)]
-    blocks = [m for m in model.modules() if isinstance(m, EncoderBlock | DecoderBlock)]
+    blocks = [m for m in model.modules() if isinstance(m, Block | DecoderBlock)]
     assert wrapped == blocks and len(blocks) == 4
     # Lightning runs FSDP on GPUs only; every other key is a Trainer argument (else TypeError)
     with pytest.raises(InstantiationException, match="requires a GPU accelerator"):

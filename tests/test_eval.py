@@ -58,7 +58,7 @@ def test_scores_the_test_split_it_was_trained_on(ckpt: Path, tmp_path: Path) -> 
     for i, caption in enumerate(expected):
         scene = world.scene("test", i)
         words = [w for w in caption.words if w != "<eos>"]
-        meter.update(caption.cross_attention, scene.align(words), [o.box for o in scene.objects])
+        meter.update(caption.image_attention, scene.align(words), [o.box for o in scene.objects])
     assert meter.words > 0
     grounding = {f"test/{k}": v for k, v in meter.compute().items()}
     assert {k: metrics[k] for k in grounding} == pytest.approx(grounding, abs=1e-6)

@@ -80,18 +80,18 @@ def test_caption_carries_tokens_logprobs_and_every_attention(
         assert result.text == captioner.tokenizer.decode(result.tokens)
         assert result.token_logprobs.shape == (count,) and torch.all(result.token_logprobs <= 0)
         assert result.logprob == pytest.approx(float(result.token_logprobs.sum()))
-        layers, heads = config.decoder_depth, config.decoder_heads
-        assert result.cross_attention.shape == (layers, heads, count, 4, 6)
+        layers, heads = config.decoder.depth, config.decoder.heads
+        assert result.image_attention.shape == (layers, heads, count, 4, 6)
         torch.testing.assert_close(
-            result.cross_attention.sum(dim=(-2, -1)), torch.ones(layers, heads, count)
+            result.image_attention.sum(dim=(-2, -1)), torch.ones(layers, heads, count)
         )
         assert result.self_attention.shape == (layers, heads, count, count)
         assert torch.all(result.self_attention.triu(diagonal=1) == 0)  # causal
-        enc = (config.encoder_depth, config.encoder_heads, 24, 24)
+        enc = (config.encoder.depth, config.encoder.heads, 24, 24)
         assert result.encoder_attention.shape == enc
     plain = captioner.caption(scenes, beam_size=3)
     assert [r.text for r in plain] == [r.text for r in results]
-    assert plain[0].cross_attention is None and plain[0].encoder_attention is None
+    assert plain[0].image_attention is None and plain[0].encoder_attention is None
 
 
 def spotlight_model() -> CaptionerModel:
@@ -131,7 +131,7 @@ def test_attention_grid_reads_as_the_image(row: int, col: int) -> None:
     pixels = np.zeros((16, 24, 3), dtype=np.uint8)
     pixels[4 * row : 4 * row + 4, 4 * col : 4 * col + 4] = 255
     result = captioner.caption(Image.fromarray(pixels), max_length=3, return_attention=True)[0]
-    maps = result.cross_attention  # (layers, heads, T, 4, 6)
+    maps = result.image_attention  # (layers, heads, T, 4, 6)
     peak = maps.flatten(-2).argmax(-1)
     assert torch.all(peak == row * 6 + col)
     assert torch.all(maps[..., row, col] > 0.9)

@@ -156,10 +156,10 @@ def test_resuming_needs_the_architecture_and_batches_it_was_trained_with(tmp_pat
     train(compose_train(*TINY_RUN, output_dir=tmp_path / "run"))
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     wider = compose_train(
-        *TINY_RUN, "model.decoder_dim=96", f"ckpt_path={ckpt}", output_dir=tmp_path / "a"
+        *TINY_RUN, "model.decoder.dim=96", f"ckpt_path={ckpt}", output_dir=tmp_path / "a"
     )
     with pytest.raises(
-        ConfigError, match=r"was trained with model.decoder_dim=64 \(this run: 96\)"
+        ConfigError, match=r"was trained with model.decoder.dim=64 \(this run: 96\)"
     ):
         train(wider)
     longer = compose_train(

@@ -8,9 +8,10 @@ import torch.nn.functional as F
 from conftest import tiny_config
 from torch.utils.flop_counter import FlopCounterMode
 
+from captioner import loss as loss_module
+from captioner.lit_module import teacher_forced_loss
+from captioner.loss import linear_cross_entropy
 from captioner.models import CaptionerModel
-from captioner.models import loss as loss_module
-from captioner.models.loss import linear_cross_entropy
 
 PAD = 0
 
@@ -73,12 +74,13 @@ def test_padding_rows_are_never_projected() -> None:
     assert flops(10) == 3 * 2 * 10 * 16 * 50
 
 
-def test_caption_loss_equals_cross_entropy_of_the_logits() -> None:
-    model = CaptionerModel(tiny_config()).train()
+@pytest.mark.parametrize("decoder", ["cross", "prefix"])
+def test_caption_loss_equals_cross_entropy_of_the_logits(decoder: str) -> None:
+    model = CaptionerModel(tiny_config(decoder=decoder)).train()
     images = torch.randn(3, 3, 16, 24)
     tokens = torch.randint(3, 23, (3, 9))
     tokens[0, 6:] = PAD  # a shorter caption
-    fused, cross = model.caption_loss(images, tokens, PAD, label_smoothing=0.1)
+    fused, cross = teacher_forced_loss(model, images, tokens, PAD, label_smoothing=0.1)
     assert cross is None
     fused_grads = torch.autograd.grad(fused, list(model.parameters()))
     logits = model(images, tokens[:, :-1])
@@ -91,5 +93,5 @@ def test_caption_loss_equals_cross_entropy_of_the_logits() -> None:
         fused_grads, torch.autograd.grad(expected, list(model.parameters())), strict=True
     ):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
-    _, cross = model.caption_loss(images, tokens, PAD, need_weights=True)
+    _, cross = teacher_forced_loss(model, images, tokens, PAD, need_weights=True)
     assert cross is not None and cross[0].shape == (3, 2, 8, 24)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
+from captioner.benchmark import CPU_ATTENTION_FLOPS
 from captioner.errors import ConfigError
-from captioner.models import Attention, CaptionerConfig, CaptionerModel
+from captioner.models import Attention, CaptionerConfig, CaptionerModel, PrefixDecoder
 from captioner.models.attention import attention_mask
-from tests.conftest import tiny_config
+from tests.conftest import FUSIONS, tiny_config
 
 
 def inputs(batch: int = 2, length: int = 7, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -18,12 +20,12 @@ def inputs(batch: int = 2, length: int = 7, seed: int = 1) -> tuple[torch.Tensor
     )
 
 
-def test_future_tokens_cannot_change_earlier_logits(tiny_model: CaptionerModel) -> None:
+def test_future_tokens_cannot_change_earlier_logits(fusion_model: CaptionerModel) -> None:
     images, tokens = inputs()
-    base = tiny_model(images, tokens)
+    base = fusion_model(images, tokens)
     changed = tokens.clone()
     changed[:, 4] = (changed[:, 4] + 1) % 23
-    out = tiny_model(images, changed)
+    out = fusion_model(images, changed)
     torch.testing.assert_close(out[:, :4], base[:, :4])
     assert not torch.allclose(out[:, 4:], base[:, 4:])
 
@@ -48,36 +50,36 @@ def test_patch_tokens_are_row_major(tiny_model: CaptionerModel) -> None:
     assert diff.nonzero().flatten().tolist() == [1 * 6 + 3]
 
 
-def test_decoder_reads_the_image(tiny_model: CaptionerModel) -> None:
+def test_decoder_reads_the_image(fusion_model: CaptionerModel) -> None:
     images, tokens = inputs()
     other = torch.randn_like(images)
-    assert not torch.allclose(tiny_model(images, tokens), tiny_model(other, tokens))
+    assert not torch.allclose(fusion_model(images, tokens), fusion_model(other, tokens))
 
 
-def test_padded_tokens_change_nothing(tiny_model: CaptionerModel) -> None:
+def test_padded_tokens_change_nothing(fusion_model: CaptionerModel) -> None:
     images, tokens = inputs(length=5)
-    base = tiny_model(images, tokens)
+    base = fusion_model(images, tokens)
     padded = torch.cat([tokens, torch.zeros(2, 3, dtype=torch.long)], dim=1)
     mask = torch.zeros_like(padded, dtype=torch.bool)
     mask[:, 5:] = True
-    out = tiny_model(images, padded, token_padding_mask=mask)
+    out = fusion_model(images, padded, token_padding_mask=mask)
     torch.testing.assert_close(out[:, :5], base)
     # and masked keys really are ignored: changing the pad ids changes no real position
-    out2 = tiny_model(images, padded.masked_fill(mask, 7), token_padding_mask=mask)
+    out2 = fusion_model(images, padded.masked_fill(mask, 7), token_padding_mask=mask)
     torch.testing.assert_close(out2[:, :5], base)
 
 
-def test_masked_image_tokens_are_ignored_by_cross_attention(tiny_model: CaptionerModel) -> None:
+def test_masked_image_tokens_are_ignored_by_image_attention(fusion_model: CaptionerModel) -> None:
     images, tokens = inputs()
-    memory, _ = tiny_model.encoder(images)
+    memory, _ = fusion_model.encoder(images)
     mask = torch.zeros(memory.shape[:2], dtype=torch.bool)
     mask[:, 10:] = True
-    base = tiny_model.decoder(tokens, memory, memory_padding_mask=mask).logits
+    base = fusion_model.decoder(tokens, memory, memory_padding_mask=mask).logits
     noisy = memory.clone()
     noisy[:, 10:] = torch.randn_like(noisy[:, 10:])
-    out = tiny_model.decoder(tokens, noisy, memory_padding_mask=mask).logits
+    out = fusion_model.decoder(tokens, noisy, memory_padding_mask=mask).logits
     torch.testing.assert_close(out, base)
-    unmasked = tiny_model.decoder(tokens, noisy).logits
+    unmasked = fusion_model.decoder(tokens, noisy).logits
     assert not torch.allclose(unmasked, base)
 
 
@@ -116,17 +118,24 @@ def test_causal_mask_for_queries_that_end_a_longer_sequence() -> None:
     assert torch.equal(full, torch.ones(6, 6, dtype=torch.bool).tril())
 
 
-def test_model_paths_agree_and_return_every_map(tiny_model: CaptionerModel) -> None:
+def test_model_paths_agree_and_return_every_map(fusion_model: CaptionerModel) -> None:
     images, tokens = inputs()
-    out = tiny_model.forward_with_attention(images, tokens)
-    torch.testing.assert_close(out.logits, tiny_model(images, tokens), atol=1e-5, rtol=1e-5)
+    out = fusion_model.forward_with_attention(images, tokens)
+    torch.testing.assert_close(out.logits, fusion_model(images, tokens), atol=1e-5, rtol=1e-5)
     assert len(out.encoder_attention) == 2 and out.encoder_attention[0].shape == (2, 4, 24, 24)
-    assert out.self_attention[0].shape == (2, 2, 7, 7)
-    assert out.cross_attention[0].shape == (2, 2, 7, 24)  # words x patches: rectangular
+    assert len(out.self_attention) == 2 and out.self_attention[0].shape == (2, 2, 7, 7)
+    assert len(out.image_attention) == fusion_model.decoder.image_layers
+    for image in out.image_attention:  # words x patches, whatever the fusion
+        assert image.shape == (2, 2, 7, 24)
+    if fusion_model.config.decoder.kind == "prefix":  # one softmax over image and words
+        total = out.image_attention[0].sum(-1) + out.self_attention[0].sum(-1)
+        torch.testing.assert_close(total, torch.ones(2, 2, 7))
+        assert torch.all(out.self_attention[0].triu(diagonal=1) == 0)
 
 
-def test_every_parameter_gets_a_gradient() -> None:
-    model = CaptionerModel(tiny_config(pos_embed="learned")).train()
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_every_parameter_gets_a_gradient(fusion: str) -> None:
+    model = CaptionerModel(tiny_config(pos_embed="learned", **FUSIONS[fusion]))
     images, tokens = inputs()
     loss = model(images, tokens).logsumexp(-1).mean()
     loss.backward()
@@ -159,11 +168,11 @@ def test_sincos_position_embedding_is_fixed_and_distinct() -> None:
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"image_size": (16, 22)}, "model.patch_size"),
-        ({"encoder_dim": 30}, "model.encoder_heads"),
-        ({"decoder_heads": 5}, "model.decoder_heads"),
-        ({"pos_embed": "rope"}, "model.pos_embed"),
-        ({"encoder_depth": 0}, "model.encoder_depth"),
+        ({"image_size": (16, 22)}, "model.encoder.patch_size"),
+        ({"encoder_dim": 30}, "model.encoder.heads"),
+        ({"decoder_heads": 5}, "model.decoder.heads"),
+        ({"pos_embed": "rope"}, "model.encoder.pos_embed"),
+        ({"encoder_depth": 0}, "model.encoder.depth"),
         ({"pos_embed": "sincos", "encoder_dim": 34, "encoder_heads": 2}, "divisible by 4"),
     ],
 )
@@ -180,7 +189,7 @@ def test_unknown_config_key_is_refused() -> None:
 def test_config_round_trips_as_plain_types() -> None:
     config = tiny_config()
     state = config.to_dict()
-    assert state["image_size"] == [16, 24]
+    assert state["encoder"]["image_size"] == [16, 24]
     assert CaptionerConfig.from_dict(state) == config
 
 
@@ -189,23 +198,23 @@ def test_wrong_image_size_is_a_clear_error(tiny_model: CaptionerModel) -> None:
         tiny_model(torch.randn(1, 3, 16, 16), torch.ones(1, 3, dtype=torch.long))
 
 
-def test_decoding_with_the_cache_equals_the_full_pass(tiny_model: CaptionerModel) -> None:
+def test_decoding_with_the_cache_equals_the_full_pass(fusion_model: CaptionerModel) -> None:
     images, tokens = inputs(length=7)
-    memory, _ = tiny_model.encoder(images)
-    full = tiny_model.decoder(tokens, memory).logits
-    cache = tiny_model.decoder.init_cache(memory)
-    steps = [tiny_model.decoder(tokens[:, :3], None, cache=cache).logits]  # a prompt, then 1 by 1
+    memory, _ = fusion_model.encoder(images)
+    full = fusion_model.decoder(tokens, memory).logits
+    cache = fusion_model.decoder.init_cache(memory)
+    steps = [fusion_model.decoder(tokens[:, :3], None, cache=cache).logits]  # a prompt, then 1 by 1
     buffer = cache.layers[0].keys
     assert buffer is not None
     pointer = buffer.data_ptr()
     steps += [
-        tiny_model.decoder(tokens[:, t : t + 1], None, cache=cache).logits for t in range(3, 7)
+        fusion_model.decoder(tokens[:, t : t + 1], None, cache=cache).logits for t in range(3, 7)
     ]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
     assert cache.length == 7
     assert cache.layers[0].keys.data_ptr() == pointer  # allocated once, written in place
     with pytest.raises(ValueError, match="model.max_len"):
-        tiny_model.decoder(tokens[:, :6], None, cache=cache)
+        fusion_model.decoder(tokens[:, :6], None, cache=cache)
 
 
 def test_beams_share_the_image_keys_without_copies() -> None:
@@ -229,3 +238,47 @@ def test_beams_share_the_image_keys_without_copies() -> None:
             torch.testing.assert_close(w_shared, w_copied, atol=1e-6, rtol=1e-5)
     with pytest.raises(ValueError, match="cross-attention"):
         attn(x, kv=attn.project_kv(context), causal=True)
+
+
+def test_prefix_mask_is_bidirectional_over_the_image_and_causal_over_the_words() -> None:
+    mask = PrefixDecoder.prefix_mask(3, 4, torch.device("cpu"))
+    assert mask[:3, :3].all()  # image positions see every image position
+    assert not mask[:3, 3:].any()  # and no word
+    assert mask[3:, :3].all()  # a word sees every image position
+    assert torch.equal(mask[3:, 3:], torch.ones(4, 4, dtype=torch.bool).tril())  # and the past
+
+
+def test_prefix_image_positions_never_see_the_words() -> None:
+    """The image positions' states, at every block, are the same whatever the caption: what
+    lets decoding compute them once per image."""
+    torch.manual_seed(0)
+    model = CaptionerModel(tiny_config(decoder="prefix")).eval()
+    images, tokens = inputs()
+    states: list[torch.Tensor] = []
+    hooks = [
+        block.register_forward_hook(lambda _m, _args, out: states.append(out[0][:, :24]))
+        for block in model.decoder.blocks
+    ]
+    try:
+        model(images, tokens)
+        first, states[:] = list(states), []
+        model(images, torch.flip(tokens, dims=[1]))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for before, after in zip(first, states, strict=True):
+        torch.testing.assert_close(after, before, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_attention_flops_are_what_the_kernels_count(fusion: str) -> None:
+    """The analytic attention cost of a teacher-forced pass equals FlopCounterMode's count of
+    the attention kernels it runs, for every fusion."""
+    model = CaptionerModel(tiny_config(**FUSIONS[fusion])).eval()
+    images, tokens = inputs(batch=1)
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as c:
+        model(images, tokens)
+    counted = sum(n for op, n in c.get_flop_counts()["Global"].items() if "attention" in str(op))
+    assert counted > 0 and sum(model.attention_flops(7, cached=False).values()) == counted
+    cached = model.attention_flops(7)
+    assert cached["decoder_self"] < model.attention_flops(7, cached=False)["decoder_self"]

@@ -226,7 +226,16 @@ def set_weight(name: str, value: torch.Tensor) -> Any:
 
 
 def set_meta(part: str, key: str, value: Any) -> Any:
-    return lambda state: state["captioner"][part].__setitem__(key, value)
+    """Sets `key` (dotted for a nested one, `decoder.depth`) of the captioner's `part`."""
+    *parents, last = key.split(".")
+
+    def change(state: dict[str, Any]) -> None:
+        values = state["captioner"][part]
+        for parent in parents:
+            values = values[parent]
+        values[last] = value
+
+    return change
 
 
 def test_files_that_are_not_checkpoints_are_named_for_what_they_are(tmp_path: Path) -> None:
@@ -253,23 +262,26 @@ def test_a_checkpoint_is_checked_before_anything_is_built(
     saved: dict[str, Any], tmp_path: Path
 ) -> None:
     config = saved["captioner"]["config"]
-    dim, vocab = config["decoder_dim"], config["vocab_size"]
+    dim, vocab = config["decoder"]["dim"], config["vocab_size"]
     cases = {
         "shape": (set_weight("decoder.norm.weight", torch.ones(dim + 1)), "has shape"),
         "vocab": (set_meta("config", "vocab_size", vocab + 1), "holds .* words but .*vocab_size"),
         "huge_vocab": (set_meta("config", "vocab_size", 10**12), "vocab_size"),
         "max_len": (set_meta("config", "max_len", config["max_len"] + 4), "has shape"),
-        "depth": (set_meta("config", "decoder_depth", 10**7), "decoder_depth is 10000000"),
+        "depth": (set_meta("config", "decoder.depth", 10**7), "decoder.depth is 10000000"),
         "nan": (set_weight("decoder.norm.bias", torch.full((dim,), math.nan)), "NaN"),
         "integers": (set_weight("decoder.norm.bias", torch.zeros(dim, dtype=torch.long)), "int64"),
-        "image_size": (set_meta("config", "image_size", ["a", 48]), "'config'.*image_size"),
-        "mlp_ratio": (set_meta("config", "mlp_ratio", math.nan), "mlp_ratio must be a finite"),
+        "image_size": (set_meta("config", "encoder.image_size", ["a", 48]), "'config'.*image_size"),
+        "mlp_ratio": (
+            set_meta("config", "decoder.mlp_ratio", math.nan),
+            "mlp_ratio must be a positive number, got nan",
+        ),
         "itos": (set_meta("tokenizer", "itos", "abc"), "'tokenizer'.*itos"),
         "std": (set_meta("preprocess", "std", [0.5, 0.0, 0.5]), "'preprocess'.*std"),
         "size": (set_meta("preprocess", "image_size", [64, 64]), "'preprocess'.*does not match"),
-        "wide": (set_meta("config", "encoder_dim", 2**62), "cannot be built"),
-        "wider": (set_meta("config", "encoder_dim", 2**70), "cannot be built"),
-        "mlp": (set_meta("config", "mlp_ratio", 1e300), "cannot be built"),
+        "wide": (set_meta("config", "encoder.dim", 2**62), "cannot be built"),
+        "wider": (set_meta("config", "encoder.dim", 2**70), "cannot be built"),
+        "mlp": (set_meta("config", "encoder.mlp_ratio", 1e300), "cannot be built"),
         "mean": (set_meta("preprocess", "mean", [10**400, 0.5, 0.5]), "'preprocess'.*mean"),
         "tiny_std": (set_meta("preprocess", "std", [1e-320] * 3), "'preprocess'.*std"),
         "float8": (
@@ -347,7 +359,7 @@ def test_lightning_never_restores_paths_outside_the_checkpoint_folder(
 def test_export_refuses_weights_that_would_caption_garbage(
     saved: dict[str, Any], tmp_path: Path
 ) -> None:
-    dim = saved["captioner"]["config"]["decoder_dim"]
+    dim = saved["captioner"]["config"]["decoder"]["dim"]
     path = tampered(
         saved, tmp_path / "nan.ckpt", set_weight("decoder.norm.bias", torch.full((dim,), math.inf))
     )
@@ -435,7 +447,7 @@ def test_a_file_that_reads_two_ways_or_nests_deep_is_refused(
 def test_weights_that_claim_more_than_they_store_are_refused(
     saved: dict[str, Any], tmp_path: Path
 ) -> None:
-    dim = saved["captioner"]["config"]["decoder_dim"]
+    dim = saved["captioner"]["config"]["decoder"]["dim"]
     expanded = set_weight("decoder.norm.bias", torch.full((1,), 0.01).expand(dim))
     path = tampered(saved, tmp_path / "expanded.ckpt", expanded)
     with pytest.raises(CheckpointError, match="stores fewer values than its shape"):

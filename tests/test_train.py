@@ -67,7 +67,8 @@ def test_one_batch_can_be_overfitted(shapes_batch: tuple) -> None:
         optimizer.step()
     assert loss.item() < 0.05 < first
     captions = [
-        dm.tokenizer.decode(row.tolist()) for row in module.generate(batch["images"]).tokens
+        dm.tokenizer.decode(row.tolist())
+        for row in module.evaluator.generate(batch["images"]).tokens
     ]
     expected = [dm.tokenizer.decode(row[1:].tolist()) for row in batch["tokens"]]
     assert captions == expected
@@ -110,7 +111,8 @@ def test_compiled_training_loss_matches_eager(shapes_batch: tuple) -> None:
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
     # evaluation runs eager: the same generated captions
     assert torch.equal(
-        eager.generate(batch["images"]).tokens, compiled.generate(batch["images"]).tokens
+        eager.evaluator.generate(batch["images"]).tokens,
+        compiled.evaluator.generate(batch["images"]).tokens,
     )
 
 
@@ -180,8 +182,8 @@ def test_short_run_saves_checkpoints_that_rebuild_the_model(
 
 
 def test_config_error_reaches_the_user(train_cfg: Callable[..., DictConfig]) -> None:
-    with pytest.raises(ConfigError, match="model.patch_size=7"):
-        train(train_cfg("experiment=shapes_tiny", "model.patch_size=7"))
+    with pytest.raises(ConfigError, match="model.encoder.patch_size=7"):
+        train(train_cfg("experiment=shapes_tiny", "model.encoder.patch_size=7"))
     with pytest.raises(ConfigError, match="data.max_objects"):
         train(train_cfg("experiment=shapes_tiny", "data.max_objects=12"))
 
@@ -208,11 +210,11 @@ def test_cli_respects_run_dir_and_prints_metrics(tmp_path: Path) -> None:
 
 def test_cli_config_error_is_one_clear_line(tmp_path: Path) -> None:
     result = run_cli(
-        "experiment=shapes_tiny", "model.encoder_heads=5", f"hydra.run.dir={tmp_path}", cwd=tmp_path
+        "experiment=shapes_tiny", "model.encoder.heads=5", f"hydra.run.dir={tmp_path}", cwd=tmp_path
     )
     assert result.returncode == 2
     assert (
-        "config error: model.encoder_dim=64 is not divisible by model.encoder_heads=5"
+        "config error: model.encoder.dim=64 is not divisible by model.encoder.heads=5"
         in result.stderr
     )
     assert "Traceback" not in result.stderr

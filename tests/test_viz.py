@@ -91,7 +91,7 @@ def rgb_image(size: tuple[int, int]) -> Image.Image:
 
 
 @pytest.mark.parametrize(("grid", "size"), LAYOUTS)
-def test_cross_attention_peak_lights_its_pixel_block(grid, size) -> None:
+def test_image_attention_peak_lights_its_pixel_block(grid, size) -> None:
     peaks = corners_and_middle(grid)
     heat = attention_to_pixels(select_attention(peaked_cross(grid, peaks)), size)
     assert heat.shape == (len(peaks), *size)
@@ -305,7 +305,7 @@ def test_figures_from_a_real_model(tiny_model: CaptionerModel, tmp_path: Path) -
     image = torch.rand(1, 3, 16, 24)
     with torch.no_grad():
         out = tiny_model.forward_with_attention(image, torch.tensor([[1, 5, 6, 7]]))
-    cross = torch.stack(out.cross_attention, dim=1)[0, :, :, :, prefix:].unflatten(-1, grid)
+    cross = torch.stack(out.image_attention, dim=1)[0, :, :, :, prefix:].unflatten(-1, grid)
     causal = torch.stack(out.self_attention, dim=1)[0]  # (layers, heads, T, T)
     encoder = torch.stack(out.encoder_attention, dim=1)[0]  # (layers, heads, N, N)
     pixels = image[0].permute(1, 2, 0).numpy()  # (H, W, 3) floats

@@ -2,7 +2,7 @@
 
 For every generated word aligned to an object of the ground truth, two scores per attention
 view (each layer and head, each layer's mean over heads, and the mean over everything):
-pointing accuracy, whether the centre of the patch with the most cross-attention lies inside
+pointing accuracy, whether the centre of the patch with the most image attention lies inside
 the object's box, and attention mass, the share of the word's attention that falls on the box
 (each patch counted by the fraction of its area the box covers). The attention of a word is
 the one its decoding step used, i.e. the row that predicted it.
@@ -39,18 +39,18 @@ def box_coverage(
     )
 
 
-def grounding_loss(cross_attention: Sequence[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
-    """Attention supervision: -log of the share of each layer's head-mean cross-attention that
+def grounding_loss(image_attention: Sequence[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+    """Attention supervision: -log of the share of each layer's head-mean image attention that
     falls on the box of the object the word names, averaged over layers and naming words.
 
-    `cross_attention` holds one (B, heads, T, patches) tensor per layer; `targets` (B, T,
+    `image_attention` holds one (B, heads, T, patches) tensor per layer; `targets` (B, T,
     patches) is each patch's box coverage, all zero for a word that names no object. Heads
     stay free to split the work; only their mean is asked to find the object.
     """
     named = targets.sum(-1) > 0  # (B, T)
     if not named.any():
         return targets.new_zeros(())
-    looks = torch.stack([layer.float().mean(1) for layer in cross_attention])  # (L, B, T, S)
+    looks = torch.stack([layer.float().mean(1) for layer in image_attention])  # (L, B, T, S)
     mass = (looks * targets.float()).sum(-1)[:, named]  # (L, words)
     return -mass.clamp_min(1e-6).log().mean()
 

@@ -1,16 +1,23 @@
 """Plain PyTorch modules: no Lightning, no Hydra."""
 
 from captioner.models.attention import Attention
-from captioner.models.captioner import CaptionerModel, CaptionerOutput
-from captioner.models.config import CaptionerConfig
-from captioner.models.decoder import TextDecoder
-from captioner.models.encoder import VisionEncoder
+from captioner.models.captioner import DECODERS, ENCODERS, CaptionerModel, CaptionerOutput
+from captioner.models.config import CaptionerConfig, DecoderConfig, EncoderConfig
+from captioner.models.decoder import CaptionDecoder, CrossAttentionDecoder, PrefixDecoder
+from captioner.models.encoder import ImageEncoder, VisionEncoder
 
 __all__ = [
+    "DECODERS",
+    "ENCODERS",
     "Attention",
+    "CaptionDecoder",
     "CaptionerConfig",
     "CaptionerModel",
     "CaptionerOutput",
-    "TextDecoder",
+    "CrossAttentionDecoder",
+    "DecoderConfig",
+    "EncoderConfig",
+    "ImageEncoder",
+    "PrefixDecoder",
     "VisionEncoder",
 ]

@@ -1,4 +1,5 @@
-"""One multi-head attention module for encoder self-, decoder causal self- and cross-attention."""
+"""One multi-head attention module for encoder self-, decoder causal self- and cross-attention,
+and for the prefix decoder's self-attention over image and word positions."""
 
 from __future__ import annotations
 
@@ -18,18 +19,20 @@ def attention_mask(
     causal: bool,
     key_padding_mask: torch.Tensor | None,
     device: torch.device,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
-    """Boolean mask, True where a query may attend a key, broadcastable to (B, heads, T, S).
+    """Boolean mask, True where a query may attend a key, broadcastable to (B, heads, T, S):
+    `mask` (T, S) if given, and causal order and key padding if asked.
 
     With causal masking the queries are the last `num_queries` positions of the keys, so the
     same rule serves a full sequence and a step that appends to a cache.
     """
-    mask = None
     if causal:
         # (T, S): query t sees keys up to its own absolute position S - T + t
-        mask = torch.ones(num_queries, num_keys, dtype=torch.bool, device=device).tril(
+        order = torch.ones(num_queries, num_keys, dtype=torch.bool, device=device).tril(
             diagonal=num_keys - num_queries
         )
+        mask = order if mask is None else mask & order
     if key_padding_mask is not None:
         keep = ~key_padding_mask[:, None, None, :]  # (B, 1, 1, S)
         mask = keep if mask is None else mask & keep
@@ -43,7 +46,9 @@ class Attention(nn.Module):
     softmax(QK^T / sqrt(d)) V explicitly and also returns the weights, for analysis.
     Self-attention projects queries, keys and values in one matmul and can append its keys
     and values to a decoding cache; cross-attention (`kv_dim` given) can take the context's
-    keys and values already projected (`kv`), as decoding does at every step.
+    keys and values already projected (`kv`), as decoding does at every step. A self-attention
+    cache that holds `prefix_kv` (the prefix decoder's) puts those keys before its own: the
+    image positions, computed once per image and read by every beam of it without copies.
     """
 
     def __init__(
@@ -68,8 +73,12 @@ class Attention(nn.Module):
         return x.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, T, d)
 
     def project_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cross-attention keys and values of `context` (B, S, Dkv), each (B, heads, S, d)."""
-        k, v = self._heads(self.kv_proj(context), 2)
+        """Keys and values of `context` (B, S, Dkv), each (B, heads, S, d): cross-attention's
+        of the image tokens, or self-attention's own (the prefix decoder's image positions)."""
+        if self.is_cross:
+            k, v = self._heads(self.kv_proj(context), 2)
+            return k, v
+        _, k, v = self._heads(self.qkv_proj(context), 3)
         return k, v
 
     def forward(
@@ -79,15 +88,18 @@ class Attention(nn.Module):
         *,
         causal: bool = False,
         key_padding_mask: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
         need_weights: bool = False,
         kv: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache: LayerCache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Attend from `x` (B, T, D) to `context` (B, S, Dkv), or to `x` when it is None.
 
-        `key_padding_mask` (B, S) is True at keys to ignore. Cross-attention: `kv`, if given,
-        replaces the projection of `context` with keys and values (Bkv, heads, S, d), where B
-        is a multiple of Bkv, so the B / Bkv beams of one image read its keys without copies.
+        `key_padding_mask` (B, S) is True at keys to ignore; `mask` (T, S) is True where a
+        query may attend a key (the prefix decoder's prefix-LM mask). Cross-attention: `kv`,
+        if given, replaces the projection of `context` with keys and values (Bkv, heads, S, d),
+        where B is a multiple of Bkv, so the B / Bkv beams of one image read its keys without
+        copies.
         Self-attention: with a `cache`, `x` holds only the newest positions, whose keys and
         values join the cached ones. Causal queries are the last T of the S key positions.
         Returns the output (B, T, D) and, with `need_weights`, the weights (B, heads, T, S).
@@ -104,6 +116,10 @@ class Attention(nn.Module):
             q, k, v = self._heads(self.qkv_proj(x), 3)
             if cache is not None:
                 k, v = cache.append(k, v)  # (B, heads, S, d): every position so far
+                if cache.prefix_kv is not None:  # image positions first, shared by beams
+                    out, weights = self._after_prefix(q, (k, v), cache.prefix_kv, need_weights)
+                    out = out.transpose(1, 2).reshape(batch, num_queries, dim)  # (B, T, D)
+                    return self.out_proj(out), weights
         num_keys = k.shape[2]
         groups = batch // k.shape[0]
         if groups > 1:  # several query rows per key row: fold them into the query axis
@@ -119,13 +135,13 @@ class Attention(nn.Module):
         fast = (
             not need_weights
             and key_padding_mask is None
+            and mask is None
             and (not causal or num_queries == num_keys)
         )
-        mask = None
         if not fast:
             mask = attention_mask(
                 num_queries, num_keys, causal=causal, key_padding_mask=key_padding_mask,
-                device=x.device,
+                device=x.device, mask=mask,
             )  # fmt: skip
         weights = None
         if need_weights:
@@ -146,3 +162,38 @@ class Attention(nn.Module):
                 weights = weights.reshape(batch, self.num_heads, num_queries, num_keys)
         out = out.transpose(1, 2).reshape(batch, num_queries, dim)  # (B, T, D)
         return self.out_proj(out), weights
+
+    def _after_prefix(
+        self,
+        q: torch.Tensor,
+        own: tuple[torch.Tensor, torch.Tensor],
+        prefix: tuple[torch.Tensor, torch.Tensor],
+        need_weights: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Decoding queries (B, heads, T, d), the newest of the word positions, over the image
+        positions' keys/values `prefix` (Bimg, heads, N, d), shared by the B / Bimg beams of
+        an image, then the words' own `own` (B, heads, t, d), causally: one softmax over both,
+        without copying the image's keys per beam. Returns (B, heads, T, d) and, with
+        `need_weights`, (B, heads, T, N + t)."""
+        (k, v), (k_img, v_img) = own, prefix
+        batch, heads, num_queries, head_dim = q.shape
+        images, num_image = k_img.shape[0], k_img.shape[2]
+        groups = batch // images
+        scale = 1.0 / math.sqrt(head_dim)
+        folded = q.reshape(images, groups, heads, num_queries, head_dim).transpose(1, 2)
+        folded = folded.flatten(2, 3)  # (Bimg, heads, G * T, d)
+        image_scores = (folded @ k_img.transpose(-2, -1)) * scale  # (Bimg, heads, G * T, N)
+        image_scores = image_scores.unflatten(2, (groups, num_queries)).transpose(1, 2)
+        image_scores = image_scores.reshape(batch, heads, num_queries, num_image)
+        word_scores = (q @ k.transpose(-2, -1)) * scale  # (B, heads, T, t)
+        if num_queries > 1:  # query i is word position t - T + i: no later word
+            causal = attention_mask(num_queries, k.shape[2], causal=True, key_padding_mask=None,
+                                    device=q.device)  # fmt: skip
+            word_scores = word_scores.masked_fill(~causal, float("-inf"))
+        weights = torch.cat([image_scores, word_scores], dim=-1).softmax(dim=-1)
+        to_image, to_words = weights.split([num_image, k.shape[2]], dim=-1)
+        to_image = to_image.reshape(images, groups, heads, num_queries, num_image)
+        to_image = to_image.transpose(1, 2).flatten(2, 3)  # (Bimg, heads, G * T, N)
+        from_image = (to_image @ v_img).unflatten(2, (groups, num_queries)).transpose(1, 2)
+        out = from_image.reshape(batch, heads, num_queries, head_dim) + to_words @ v
+        return out, weights if need_weights else None

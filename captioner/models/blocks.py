@@ -1,12 +1,27 @@
-"""Pre-norm transformer blocks: encoder (self -> MLP) and decoder (self -> cross -> MLP)."""
+"""Pre-norm transformer blocks: self-attention -> MLP (the encoder's, and the prefix
+decoder's under its mask), and the cross decoder's self -> cross -> MLP."""
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from captioner.models.attention import Attention
-from captioner.models.cache import LayerCache
+from captioner.models.cache import DecoderCache, LayerCache
+
+
+class Reading(NamedTuple):
+    """What a caption decoder reads besides the words: the image tokens (B, S, Dimg), or a
+    cache of what they became, the padding of words and image tokens, and whether to return
+    attention weights."""
+
+    memory: torch.Tensor | None
+    token_padding_mask: torch.Tensor | None = None
+    memory_padding_mask: torch.Tensor | None = None
+    need_weights: bool = False
+    cache: DecoderCache | None = None
 
 
 class MLP(nn.Sequential):
@@ -18,8 +33,10 @@ class MLP(nn.Sequential):
         )
 
 
-class EncoderBlock(nn.Module):
-    """Bidirectional self-attention: every patch sees every patch (no mask)."""
+class Block(nn.Module):
+    """Self-attention then MLP. Unmasked it is the encoder's bidirectional block; with a
+    boolean `mask` (True where a query may attend a key) or a decoding `cache` it is the
+    prefix decoder's."""
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float, dropout: float) -> None:
         super().__init__()
@@ -29,19 +46,34 @@ class EncoderBlock(nn.Module):
         self.mlp = MLP(dim, int(dim * mlp_ratio), dropout)
 
     def forward(
-        self, x: torch.Tensor, need_weights: bool = False
+        self,
+        x: torch.Tensor,
+        need_weights: bool = False,
+        *,
+        mask: torch.Tensor | None = None,
+        cache: LayerCache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        attn_out, weights = self.attn(self.norm1(x), need_weights=need_weights)
+        """With a `cache`, `x` holds the newest word positions only: they attend the cached
+        image positions (shared by an image's beams), the cached words and themselves."""
+        attn_out, weights = self.attn(
+            self.norm1(x), need_weights=need_weights, mask=mask, cache=cache,
+            causal=cache is not None,
+        )  # fmt: skip
         x = x + attn_out
         x = x + self.mlp(self.norm2(x))
         return x, weights
 
 
 class DecoderBlock(nn.Module):
-    """Causal self-attention over the words so far, cross-attention to the patches, MLP."""
+    """Causal self-attention over the words so far, cross-attention to the image tokens, MLP."""
 
     def __init__(
-        self, dim: int, heads: int, context_dim: int, mlp_ratio: float, dropout: float
+        self,
+        dim: int,
+        heads: int,
+        context_dim: int,
+        mlp_ratio: float,
+        dropout: float,
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
@@ -52,27 +84,22 @@ class DecoderBlock(nn.Module):
         self.mlp = MLP(dim, int(dim * mlp_ratio), dropout)
 
     def forward(
-        self,
-        x: torch.Tensor,
-        memory: torch.Tensor | None,
-        token_padding_mask: torch.Tensor | None = None,
-        memory_padding_mask: torch.Tensor | None = None,
-        need_weights: bool = False,
-        cache: LayerCache | None = None,
+        self, x: torch.Tensor, reading: Reading, cache: LayerCache | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Returns the new stream and, with `need_weights`, self- and cross-attention weights.
 
-        With a `cache`, `x` holds only the new positions: their keys and values are appended
-        to the cache, and the image's keys and values come from it instead of `memory`.
+        With a `cache` (this block's layer of `reading.cache`), `x` holds only the new
+        positions: their keys and values are appended to it, and the image's keys and values
+        come from it instead of `reading.memory`.
         """
         attn_out, self_weights = self.self_attn(
-            self.norm1(x), causal=True, key_padding_mask=token_padding_mask,
-            need_weights=need_weights, cache=cache,
+            self.norm1(x), causal=True, key_padding_mask=reading.token_padding_mask,
+            need_weights=reading.need_weights, cache=cache,
         )  # fmt: skip
         x = x + attn_out
         attn_out, cross_weights = self.cross_attn(
-            self.norm2(x), memory, key_padding_mask=memory_padding_mask,
-            need_weights=need_weights, kv=None if cache is None else cache.memory_kv,
+            self.norm2(x), reading.memory, key_padding_mask=reading.memory_padding_mask,
+            need_weights=reading.need_weights, kv=None if cache is None else cache.memory_kv,
         )  # fmt: skip
         x = x + attn_out
         x = x + self.mlp(self.norm3(x))

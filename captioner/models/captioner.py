@@ -1,4 +1,8 @@
-"""The whole captioner: image -> encoder -> patch tokens -> decoder -> logits."""
+"""The whole captioner: image -> encoder -> image tokens -> decoder -> logits.
+
+The parts are chosen by their config's `kind` from `ENCODERS` and `DECODERS`: adding a variant
+is a module here and an entry in one of them (and a config file under `conf/model/`).
+"""
 
 from __future__ import annotations
 
@@ -8,35 +12,47 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from captioner.models.blocks import Reading
 from captioner.models.config import CaptionerConfig
-from captioner.models.decoder import TextDecoder
-from captioner.models.encoder import VisionEncoder
-from captioner.models.loss import linear_cross_entropy
+from captioner.models.decoder import (
+    CaptionDecoder,
+    CrossAttentionDecoder,
+    DecoderStates,
+    PrefixDecoder,
+)
+from captioner.models.encoder import ImageEncoder, VisionEncoder
+
+ENCODERS: dict[str, type[ImageEncoder]] = {"vit": VisionEncoder}
+DECODERS: dict[str, type[CaptionDecoder]] = {
+    "cross": CrossAttentionDecoder, "prefix": PrefixDecoder,
+}  # fmt: skip
 
 
 @dataclass
 class CaptionerOutput:
-    """Logits and every attention map; each list has one (B, heads, Tq, Tk) tensor per layer."""
+    """Logits and every attention map: one (B, heads, Tq, Tk) tensor per layer (the image
+    attention: per layer that reads the image)."""
 
     logits: torch.Tensor
     encoder_attention: list[torch.Tensor]
     self_attention: list[torch.Tensor]
-    cross_attention: list[torch.Tensor]
+    image_attention: list[torch.Tensor]
 
 
 class CaptionerModel(nn.Module):
-    """Encoder-decoder captioner. Returns logits; loss and label shifting live outside."""
+    """An image encoder and a caption decoder. Returns logits (or the states before the
+    output projection); loss and label shifting live outside."""
 
     def __init__(self, config: CaptionerConfig) -> None:
         super().__init__()
         self.config = config
-        self.encoder = VisionEncoder(config)
-        self.decoder = TextDecoder(config)
+        self.encoder = ENCODERS[config.encoder.kind](config.encoder, config.dropout)
+        self.decoder = DECODERS[config.decoder.kind](config)
         self.apply(self._init_weights)
         # Scale residual output projections by depth (GPT-2), so deep stacks start stable.
         for stack, depth in (
-            (self.encoder.blocks, config.encoder_depth),
-            (self.decoder.blocks, config.decoder_depth),
+            (self.encoder.blocks, config.encoder.depth),
+            (self.decoder.blocks, config.decoder.depth),
         ):
             std = 0.02 / math.sqrt(2 * depth)
             for name, param in stack.named_parameters():
@@ -72,27 +88,18 @@ class CaptionerModel(nn.Module):
         memory, _ = self.encoder(images)
         return self.decoder(tokens, memory, token_padding_mask).logits
 
-    def caption_loss(
-        self,
-        images: torch.Tensor,
-        tokens: torch.Tensor,
-        pad_id: int,
-        label_smoothing: float = 0.0,
-        need_weights: bool = False,
-    ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
-        """Teacher-forced next-word loss of captions `tokens` (B, T), <bos> first: inputs are
-        tokens[:, :-1], targets tokens[:, 1:], padding ignored. Returns the mean loss and,
-        with `need_weights`, the decoder's cross-attention per layer (B, heads, T - 1, S).
-
-        The output projection and the loss are fused (`linear_cross_entropy`): the logits
-        are never stored, and padded positions are never projected.
-        """
+    def features(
+        self, images: torch.Tensor, tokens: torch.Tensor, need_weights: bool = False
+    ) -> DecoderStates:
+        """The decoder's states (B, T, D) for input tokens (B, T) and, with `need_weights`,
+        its attention: what a loss fused with the output projection (`output_weight`) takes."""
         memory, _ = self.encoder(images)
-        states = self.decoder.features(tokens[:, :-1], memory, need_weights=need_weights)
-        loss = linear_cross_entropy(
-            states.hidden, self.decoder.head.weight, tokens[:, 1:], pad_id, label_smoothing
-        )
-        return loss, states.cross_attention
+        return self.decoder.features(tokens, Reading(memory, need_weights=need_weights))
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """The output projection (vocab, D), tied to the word embedding."""
+        return self.decoder.head.weight
 
     def forward_with_attention(
         self,
@@ -103,7 +110,19 @@ class CaptionerModel(nn.Module):
         """Same logits through the explicit attention path, with every attention map."""
         memory, enc_weights = self.encoder(images, need_weights=True)
         out = self.decoder(tokens, memory, token_padding_mask, need_weights=True)
-        return CaptionerOutput(out.logits, enc_weights, out.self_attention, out.cross_attention)
+        assert enc_weights is not None and out.self_attention is not None
+        assert out.image_attention is not None
+        return CaptionerOutput(out.logits, enc_weights, out.self_attention, out.image_attention)
+
+    def attention_flops(self, words: int, cached: bool = True) -> dict[str, int]:
+        """FLOPs of every attention product for one image and a caption of `words` positions
+        (see `CaptionDecoder.attention_flops`): the cost side of a fusion comparison."""
+        decoder = self.decoder.attention_flops(self.encoder.num_tokens, words, cached)
+        return {
+            "encoder": self.encoder.attention_flops(),
+            "decoder_self": decoder.self_attention,
+            "image_reading": decoder.image_reading,
+        }
 
     def num_parameters(self) -> int:
         """Trainable parameters, counting the tied embedding once."""

@@ -1,119 +1,216 @@
-"""The architecture of a captioner, as one plain dataclass saved in every checkpoint."""
+"""The architecture of a captioner, as plain dataclasses saved in every checkpoint.
+
+A captioner is an image encoder and a caption decoder; each part's config names its kind
+(`kind: vit`, `kind: cross` | `prefix`), which `captioner.models.build` looks up, so a
+checkpoint rebuilds any variant without Hydra and without naming code. Field names are the
+keys under `model.`, `model.encoder.` and `model.decoder.` in the Hydra config, so an error
+can name them.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from captioner.errors import ConfigError
 from captioner.values import is_finite, is_int, key_name, short
 
+ENCODER_KINDS = ("vit",)
+DECODER_KINDS = ("cross", "prefix")
+
 
 @dataclass
-class CaptionerConfig:
-    """Everything needed to rebuild a `CaptionerModel` without Hydra.
+class EncoderConfig:
+    """The image encoder: `vit`, a ViT over non-overlapping patches."""
 
-    Field names are the keys under `model.` in the Hydra config, so an error can name them.
-    """
-
-    vocab_size: int  # size of the word vocabulary, taken from the tokenizer
+    kind: str = "vit"  # which encoder: vit
     image_size: tuple[int, int] = (64, 64)  # (height, width) of the input image in pixels
     patch_size: int = 8  # side of a square patch; the image must tile exactly
     in_channels: int = 3  # colour channels of the input image
-    pos_embed: str = "learned"  # encoder position embedding: "learned" or "sincos" (fixed 2-D)
-    encoder_dim: int = 192  # width of the vision encoder
-    encoder_depth: int = 12  # number of encoder blocks
-    encoder_heads: int = 3  # attention heads per encoder block
-    decoder_dim: int = 192  # width of the text decoder
-    decoder_depth: int = 6  # number of decoder blocks (self -> cross -> MLP)
-    decoder_heads: int = 3  # attention heads per decoder block
-    mlp_ratio: float = 4.0  # hidden width of each MLP relative to the block width
-    dropout: float = 0.0  # dropout after attention and in the MLP
-    max_len: int = 32  # longest token sequence, <bos> and <eos> included
-
-    def __post_init__(self) -> None:
-        if is_int(self.image_size):
-            self.image_size = (self.image_size, self.image_size)
-        if not (
-            isinstance(self.image_size, list | tuple)
-            and len(self.image_size) == 2
-            and all(is_int(s) for s in self.image_size)
-        ):
-            raise ConfigError(
-                f"data.image_size must be a positive int or [height, width], got "
-                f"{short(self.image_size)}."
-            )
-        self.image_size = tuple(self.image_size)  # type: ignore[assignment]
-        self.validate()
+    pos_embed: str = "learned"  # position embedding: "learned" or "sincos" (fixed 2-D)
+    dim: int = 192  # width of the tokens
+    depth: int = 12  # number of blocks (self-attention -> MLP)
+    heads: int = 3  # attention heads per block
+    mlp_ratio: float = 4.0  # hidden width of each MLP relative to `dim`
 
     @property
     def grid_size(self) -> tuple[int, int]:
         """Patch grid (rows, columns); row 0 is the top of the image."""
         return (self.image_size[0] // self.patch_size, self.image_size[1] // self.patch_size)
 
+
+@dataclass
+class DecoderConfig:
+    """The caption decoder, and how it reads the image.
+
+    `cross`: every block is causal self-attention over the words, then cross-attention from
+    the words to the image tokens, then an MLP. `prefix`: a decoder-only model: the image
+    tokens, projected to `dim`, come first, then the words, through one stack of
+    self-attention blocks under a prefix-LM mask.
+    """
+
+    kind: str = "cross"  # how the image comes in: cross or prefix
+    dim: int = 192  # width of the word (and, for prefix, image) positions
+    depth: int = 6  # number of blocks
+    heads: int = 3  # attention heads per attention layer
+    mlp_ratio: float = 4.0  # hidden width of each MLP relative to `dim`
+
+    @property
+    def label(self) -> str:
+        """How the words read the image, for tables: `cross`, `prefix`."""
+        return self.kind
+
+
+@dataclass
+class CaptionerConfig:
+    """Everything needed to rebuild a `CaptionerModel` without Hydra."""
+
+    vocab_size: int  # size of the word vocabulary, taken from the tokenizer
+    max_len: int = 32  # longest token sequence, <bos> and <eos> included
+    dropout: float = 0.0  # dropout after attention and in the MLPs, in both parts
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return self.encoder.image_size
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        return self.encoder.grid_size
+
     def validate(self) -> None:
         """Fail early, naming the key to change, instead of deep inside torch."""
-        positive = (
-            "vocab_size", "patch_size", "in_channels", "encoder_dim", "encoder_depth",
-            "encoder_heads", "decoder_dim", "decoder_depth", "decoder_heads", "max_len",
-        )  # fmt: skip
-        for name in positive:
-            value = getattr(self, name)
-            if not is_int(value) or value <= 0:
-                raise ConfigError(f"model.{name} must be a positive integer, got {short(value)}.")
-        for name in ("mlp_ratio", "dropout"):
-            value = getattr(self, name)
-            if not is_finite(value):
-                raise ConfigError(f"model.{name} must be a finite number, got {short(value)}.")
-        if min(self.image_size) <= 0:
-            raise ConfigError(
-                f"data.image_size must be a positive int or [height, width], got {self.image_size}."
-            )
-        for side, name in zip(self.image_size, ("height", "width"), strict=True):
-            if side % self.patch_size:
-                raise ConfigError(
-                    f"image {name} {side} is not divisible by model.patch_size={self.patch_size}: "
-                    f"choose a patch size that divides data.image_size={list(self.image_size)}."
-                )
-        for kind in ("encoder", "decoder"):
-            dim, heads = getattr(self, f"{kind}_dim"), getattr(self, f"{kind}_heads")
-            if dim % heads:
-                raise ConfigError(
-                    f"model.{kind}_dim={dim} is not divisible by model.{kind}_heads={heads}: "
-                    f"pick a head count that divides the width."
-                )
-        if self.pos_embed not in ("learned", "sincos"):
-            raise ConfigError(
-                f"model.pos_embed must be 'learned' or 'sincos', got {short(self.pos_embed)}."
-            )
-        if self.pos_embed == "sincos" and self.encoder_dim % 4:
-            raise ConfigError(
-                f"model.pos_embed=sincos needs model.encoder_dim divisible by 4, "
-                f"got {self.encoder_dim}."
-            )
-        if self.mlp_ratio <= 0:
-            raise ConfigError(f"model.mlp_ratio must be positive, got {self.mlp_ratio}.")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}.")
+        _positive(self, ("vocab_size", "max_len"), "model")
+        if not is_finite(self.dropout) or not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout must be in [0, 1), got {short(self.dropout)}.")
+        _check_encoder(self.encoder)
+        _check_decoder(self.decoder)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain types only, so checkpoints load with `weights_only=True`."""
         out = asdict(self)
-        out["image_size"] = list(self.image_size)
+        out["encoder"]["image_size"] = list(self.encoder.image_size)
         return out
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> CaptionerConfig:
-        """Build from a mapping, rejecting unknown keys with the list of valid ones."""
+    def from_dict(cls, values: Any) -> CaptionerConfig:
+        """Build from a mapping (a checkpoint's, or the Hydra config's), rejecting unknown
+        keys with the list of valid ones. The first checkpoint format's flat keys
+        (`encoder_dim`, ...) are read as a ViT encoder and a cross-attention decoder."""
         if not isinstance(values, dict):
             raise ConfigError(f"expected a mapping of model keys, got {type(values).__name__}.")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(map(key_name, set(values) - known))
-        if unknown:
-            raise ConfigError(
-                f"unknown model key(s) {', '.join(f'model.{k}' for k in unknown[:5])}; "
-                f"valid keys are: {', '.join(sorted(known - {'vocab_size'}))}."
-            )
-        if "vocab_size" not in values:
+        if "encoder" not in values and "decoder" not in values:
+            values = _from_first_format(values)
+        top = _known(values, cls, "model", nested=("encoder", "decoder"))
+        if "vocab_size" not in top:
             raise ConfigError("model.vocab_size is missing.")
-        return cls(**values)
+        parts = {}
+        for name, part in (("encoder", EncoderConfig), ("decoder", DecoderConfig)):
+            given = values.get(name, {})
+            if not isinstance(given, dict):
+                raise ConfigError(f"model.{name} must be a mapping, got {short(given)}.")
+            parts[name] = part(**_known(given, part, f"model.{name}"))
+        return cls(**top, **parts)
+
+
+def _known(values: dict[str, Any], cls: type, prefix: str, nested: tuple = ()) -> dict:
+    """`values` without `nested` keys, every key a field of `cls`, else a `ConfigError`."""
+    known = {f.name for f in fields(cls)} - set(nested)
+    unknown = sorted(map(key_name, set(values) - known - set(nested)))
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) {', '.join(f'{prefix}.{k}' for k in unknown[:5])}; valid keys "
+            f"are: {', '.join(sorted(known - {'vocab_size'}))}."
+        )
+    return {k: v for k, v in values.items() if k not in nested}
+
+
+# The first checkpoint format: one flat mapping of a ViT encoder and a cross decoder.
+_FIRST_FORMAT = {
+    "image_size": ("encoder", "image_size"), "patch_size": ("encoder", "patch_size"),
+    "in_channels": ("encoder", "in_channels"), "pos_embed": ("encoder", "pos_embed"),
+    "encoder_dim": ("encoder", "dim"), "encoder_depth": ("encoder", "depth"),
+    "encoder_heads": ("encoder", "heads"), "decoder_dim": ("decoder", "dim"),
+    "decoder_depth": ("decoder", "depth"), "decoder_heads": ("decoder", "heads"),
+}  # fmt: skip
+
+
+def _from_first_format(values: dict[str, Any]) -> dict[str, Any]:
+    converted: dict[str, Any] = {"encoder": {}, "decoder": {}}
+    for key, value in values.items():
+        if key in _FIRST_FORMAT:
+            part, name = _FIRST_FORMAT[key]
+            converted[part][name] = value
+        elif key == "mlp_ratio":  # one ratio for both parts
+            converted["encoder"]["mlp_ratio"] = converted["decoder"]["mlp_ratio"] = value
+        else:
+            converted[key] = value
+    return converted
+
+
+def _positive(obj: Any, names: tuple[str, ...], prefix: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if not is_int(value) or value <= 0:
+            raise ConfigError(f"{prefix}.{name} must be a positive integer, got {short(value)}.")
+
+
+def _check_width(obj: Any, prefix: str) -> None:
+    """`dim`, `depth`, `heads` and `mlp_ratio` of a part: heads divide the width."""
+    _positive(obj, ("dim", "depth", "heads"), prefix)
+    if obj.dim % obj.heads:
+        raise ConfigError(
+            f"{prefix}.dim={obj.dim} is not divisible by {prefix}.heads={obj.heads}: pick a "
+            "head count that divides the width."
+        )
+    if not is_finite(obj.mlp_ratio) or obj.mlp_ratio <= 0:
+        raise ConfigError(
+            f"{prefix}.mlp_ratio must be a positive number, got {short(obj.mlp_ratio)}."
+        )
+
+
+def _check_encoder(config: EncoderConfig) -> None:
+    if config.kind not in ENCODER_KINDS:
+        raise ConfigError(
+            f"model.encoder.kind must be one of {list(ENCODER_KINDS)}, got {short(config.kind)}."
+        )
+    size = config.image_size
+    if is_int(size):
+        config.image_size = size = (size, size)
+    if not (isinstance(size, list | tuple) and len(size) == 2 and all(map(is_int, size))):
+        raise ConfigError(
+            f"data.image_size must be a positive int or [height, width], got {short(size)}."
+        )
+    config.image_size = tuple(size)  # type: ignore[assignment]
+    _positive(config, ("patch_size", "in_channels"), "model.encoder")
+    _check_width(config, "model.encoder")
+    if min(config.image_size) <= 0:
+        raise ConfigError(f"data.image_size must be positive, got {list(config.image_size)}.")
+    for side, name in zip(config.image_size, ("height", "width"), strict=True):
+        if side % config.patch_size:
+            raise ConfigError(
+                f"image {name} {side} is not divisible by model.encoder.patch_size="
+                f"{config.patch_size}: choose a patch size that divides data.image_size="
+                f"{list(config.image_size)}."
+            )
+    if config.pos_embed not in ("learned", "sincos"):
+        raise ConfigError(
+            f"model.encoder.pos_embed must be 'learned' or 'sincos', got {short(config.pos_embed)}."
+        )
+    if config.pos_embed == "sincos" and config.dim % 4:
+        raise ConfigError(
+            f"model.encoder.pos_embed=sincos needs model.encoder.dim divisible by 4, got "
+            f"{config.dim}."
+        )
+
+
+def _check_decoder(config: DecoderConfig) -> None:
+    if config.kind not in DECODER_KINDS:
+        raise ConfigError(
+            f"model.decoder.kind must be one of {list(DECODER_KINDS)}, got {short(config.kind)}."
+        )
+    _check_width(config, "model.decoder")

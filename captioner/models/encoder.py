@@ -1,12 +1,17 @@
-"""ViT-style vision encoder: patches -> bidirectional transformer -> one token per patch."""
+"""Image encoders: what turns an image into tokens a caption decoder reads.
+
+`ImageEncoder` is the interface everything else uses: its output tokens, and how they map
+back to the image (`grid_size`, `patch_size`, `num_prefix_tokens`). `VisionEncoder` is the
+ViT one: patches -> bidirectional transformer -> one token per patch.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from captioner.models.blocks import EncoderBlock
-from captioner.models.config import CaptionerConfig
+from captioner.models.blocks import Block
+from captioner.models.config import EncoderConfig
 
 
 def sincos_2d(grid_size: tuple[int, int], dim: int) -> torch.Tensor:
@@ -37,19 +42,46 @@ class PatchEmbed(nn.Module):
         return x.flatten(2).transpose(1, 2)  # (B, grid_h * grid_w, D), row-major
 
 
-class VisionEncoder(nn.Module):
-    """Turns an image into `grid_h * grid_w` patch tokens in row-major order.
+class ImageEncoder(nn.Module):
+    """An image (B, C, H, W) -> tokens (B, num_prefix_tokens + grid_h * grid_w, dim): first the
+    prefix tokens (CLS, registers), then one per patch in row-major order, row 0 at the top.
 
-    `grid_size` and `num_prefix_tokens` let attention over the tokens be mapped back to pixels.
+    `forward(images, need_weights)` returns the tokens and, when asked, the encoder's own
+    attention per layer (B, heads, tokens, tokens); the grid, patch size and prefix count map
+    any attention over the tokens back to pixels.
     """
 
-    num_prefix_tokens = 0  # no CLS token: every output token is a patch
+    dim: int  # width of the tokens
+    grid_size: tuple[int, int]  # patch rows, columns
+    patch_size: int  # pixels a side of one patch
+    num_prefix_tokens: int  # tokens before the patches
 
-    def __init__(self, config: CaptionerConfig) -> None:
+    @property
+    def num_tokens(self) -> int:
+        return self.num_prefix_tokens + self.grid_size[0] * self.grid_size[1]
+
+    def forward(
+        self, images: torch.Tensor, need_weights: bool = False
+    ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        raise NotImplementedError
+
+    def attention_flops(self) -> int:
+        """FLOPs of the attention products (Q K^T and weights x V) for one image."""
+        raise NotImplementedError
+
+
+class VisionEncoder(ImageEncoder):
+    """The ViT encoder (`model/encoder=vit`): learned or fixed 2-D sin-cos positions, no
+    prefix token (every output token is a patch)."""
+
+    num_prefix_tokens = 0
+
+    def __init__(self, config: EncoderConfig, dropout: float = 0.0) -> None:
         super().__init__()
         self.image_size = config.image_size
         self.grid_size = config.grid_size
-        dim = config.encoder_dim
+        self.patch_size = config.patch_size
+        self.dim = dim = config.dim
         self.patch_embed = PatchEmbed(config.patch_size, config.in_channels, dim)
         num_patches = self.grid_size[0] * self.grid_size[1]
         if config.pos_embed == "learned":
@@ -59,8 +91,7 @@ class VisionEncoder(nn.Module):
                 "pos_embed", sincos_2d(self.grid_size, dim)[None], persistent=False
             )
         self.blocks = nn.ModuleList(
-            EncoderBlock(dim, config.encoder_heads, config.mlp_ratio, config.dropout)
-            for _ in range(config.encoder_depth)
+            Block(dim, config.heads, config.mlp_ratio, dropout) for _ in range(config.depth)
         )
         self.norm = nn.LayerNorm(dim)
 
@@ -79,3 +110,6 @@ class VisionEncoder(nn.Module):
             x, w = block(x, need_weights)
             weights.append(w)
         return self.norm(x), (weights if need_weights else None)
+
+    def attention_flops(self) -> int:
+        return len(self.blocks) * 4 * self.num_tokens**2 * self.dim

@@ -19,7 +19,7 @@ MAX_SIDE = 2048  # figures show an image no larger than this (a 8 x 10,000,000 s
 
 
 class AttentionFolder:
-    """Writes, per image, `<stem>.png` (the image under each word's cross-attention),
+    """Writes, per image, `<stem>.png` (the image under each word's attention over the image),
     `<stem>.gif` (the same word by word) and `<stem>_matrices.png` (the words x patches matrix
     beside the decoder's causal and the encoder's self-attention).
 
@@ -58,11 +58,11 @@ class AttentionFolder:
         if isinstance(image, Image.Image) and max(image.size) > MAX_SIDE:
             image = image.copy()
             image.thumbnail((MAX_SIDE, MAX_SIDE))
-        overlays = word_overlays(image, caption.cross_attention, words)
+        overlays = word_overlays(image, caption.image_attention, words)
         overlays.savefig(self.directory / f"{name}.png", dpi=100)
-        save_gif(self.directory / f"{name}.gif", image, caption.cross_attention, words)
+        save_gif(self.directory / f"{name}.gif", image, caption.image_attention, words)
         matrices = attention_matrices(
-            words, caption.cross_attention, caption.self_attention, caption.encoder_attention,
+            words, caption.image_attention, caption.self_attention, caption.encoder_attention,
             num_prefix_tokens=num_prefix_tokens,
         )  # fmt: skip
         matrices.savefig(self.directory / f"{name}_matrices.png", dpi=100)

@@ -89,7 +89,7 @@ def save_gif(
 ) -> Path:
     """Write a looping GIF with exactly one frame per word and return its path.
 
-    `attention` is `Caption.cross_attention` (layers, heads, T, grid_h, grid_w), `layer` and
+    `attention` is `Caption.image_attention` (layers, heads, T, grid_h, grid_w), `layer` and
     `head` pick one or None averages. Small images are enlarged by a whole factor
     (nearest-neighbour, so pixels stay crisp) until the shorter side is at least `min_side`,
     as long as the longer stays within `max_side` (a 1 x 20,000 strip is not blown up to

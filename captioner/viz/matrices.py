@@ -33,7 +33,7 @@ def _label_rows(ax: Axes, labels: Sequence[str]) -> None:
 
 def attention_matrices(
     words: Sequence[str],
-    cross_attention: torch.Tensor,
+    image_attention: torch.Tensor,
     self_attention: torch.Tensor,
     encoder_attention: torch.Tensor | None = None,
     *,
@@ -43,13 +43,13 @@ def attention_matrices(
 ) -> Figure:
     """Cross-, decoder self- and (if given) encoder self-attention matrices side by side.
 
-    Takes a `Caption`'s `words`, `cross_attention` (layers, heads, T, grid_h, grid_w),
+    Takes a `Caption`'s `words`, `image_attention` (layers, heads, T, grid_h, grid_w),
     `self_attention` (layers, heads, T, T; keys <bos>, words[:-1]) and `encoder_attention`
     (layers, heads, N, N; N = num_prefix_tokens + patches, prefix tokens kept). `layer` and
     `head` pick one for every panel, or None averages. The masked upper triangle of the
     causal matrix is NaN, drawn blank, so "not allowed" differs from "allowed but ignored".
     """
-    cross = word_maps(cross_attention, words, layer, head).flatten(1)  # (T, gh * gw)
+    cross = word_maps(image_attention, words, layer, head).flatten(1)  # (T, gh * gw)
     causal = select_attention(self_attention, layer, head)  # (T, T)
     count, patches = cross.shape
     if causal.shape != (count, count):
@@ -59,12 +59,12 @@ def attention_matrices(
     panels = 2 if encoder_attention is None else 3
     fig = Figure(figsize=(5.2 * panels, 4.8), layout="constrained")
     axes = fig.subplots(1, panels, squeeze=False)[0]
-    grid = "×".join(map(str, cross_attention.shape[-2:]))
+    grid = "×".join(map(str, image_attention.shape[-2:]))
     _matrix_panel(
         fig,
         axes[0],
         cross.numpy(),
-        f"cross-attention, words × patches: {count} × {patches}",
+        f"image attention, words × patches: {count} × {patches}",
         f"patch ({grid} grid, row-major)",
     )
     _label_rows(axes[0], words)
@@ -82,7 +82,7 @@ def attention_matrices(
     if encoder_attention is not None:
         matrix = select_attention(encoder_attention, layer, head)  # (N, N)
         tokens = matrix.shape[-1]
-        check_tokens(tokens, tuple(cross_attention.shape[-2:]), num_prefix_tokens)
+        check_tokens(tokens, tuple(image_attention.shape[-2:]), num_prefix_tokens)
         xlabel = "key patch (row-major)"
         if num_prefix_tokens:
             xlabel = f"key token ({num_prefix_tokens} prefix, then patches row-major)"

@@ -1,4 +1,4 @@
-"""Where each generated word looked: cross-attention over patches, blended over the image.
+"""Where each generated word looked: its attention over the patches, blended over the image.
 
 The helpers here (`as_rgb`, `blend_heatmap`, `draw_overlay`) are shared by every figure and by
 the GIF, so a heat-map looks the same wherever it is drawn.
@@ -28,7 +28,7 @@ def select_attention(
     attention: torch.Tensor, layer: int | None = None, head: int | None = None
 ) -> torch.Tensor:
     """(layers, heads, ...) -> (...): one layer or the mean over layers, then one head or the
-    mean over heads. Works for cross-attention (T, grid_h, grid_w) as for square (Tq, Tk)."""
+    mean over heads. Works for image attention (T, grid_h, grid_w) as for square (Tq, Tk)."""
     maps = attention.float().mean(dim=0) if layer is None else attention[layer].float()
     return maps.mean(dim=0) if head is None else maps[head]
 
@@ -94,7 +94,7 @@ def word_maps(
     """Cross-attention (layers, heads, T, gh, gw) -> (T, gh, gw), checked against the words."""
     maps = select_attention(attention, layer, head)
     if maps.shape[0] != len(words) or not words:
-        raise ValueError(f"{len(words)} words but cross-attention for {maps.shape[0]} tokens.")
+        raise ValueError(f"{len(words)} words but image attention for {maps.shape[0]} tokens.")
     return maps
 
 
@@ -108,9 +108,9 @@ def word_overlays(
     columns: int = 6,
     alpha: float = 0.55,
 ) -> Figure:
-    """One panel per word: the image with that word's cross-attention over it.
+    """One panel per word: the image with that word's attention over the image on it.
 
-    `attention` is `Caption.cross_attention` (layers, heads, T, grid_h, grid_w); `layer` and
+    `attention` is `Caption.image_attention` (layers, heads, T, grid_h, grid_w); `layer` and
     `head` pick one, or None averages. All panels share one colour scale, from 0 to the
     largest weight of any word, so a diffuse look stays dim and a sharp one bright.
     """
@@ -128,7 +128,7 @@ def word_overlays(
             continue
         draw_overlay(ax, pixels, heat[k], top, alpha)
         ax.set_title(words[k], fontsize=11)
-    fig.suptitle(f"cross-attention per word ({describe_selection(layer, head)})", fontsize=10)
+    fig.suptitle(f"image attention per word ({describe_selection(layer, head)})", fontsize=10)
     return fig
 
 
@@ -140,7 +140,7 @@ def head_grid(
     *,
     alpha: float = 0.55,
 ) -> Figure:
-    """Every layer and head's cross-attention for one word, to see which heads ground it.
+    """Every layer and head's image attention for one word, to see which heads ground it.
 
     Rows are layers, columns heads plus a last "mean" column (mean of that layer's heads), all
     on one colour scale so heads that look nowhere in particular stay dim.
@@ -164,5 +164,5 @@ def head_grid(
             ax.set_ylabel(f"layer {row}", fontsize=10)
     add_colorbar(fig, axes, top)
     label = f"word {word_index}" + ("" if word is None else f' "{word}"')
-    fig.suptitle(f"cross-attention of {label}: layers × heads", fontsize=10)
+    fig.suptitle(f"image attention of {label}: layers × heads", fontsize=10)
     return fig

@@ -31,7 +31,7 @@ def train_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
     return lambda *overrides: compose_train(*overrides, output_dir=tmp_path)
 
 
-def tiny_config(decoder: str = "cross", **changes: object) -> CaptionerConfig:
+def tiny_config(decoder: str = "cross", cross_every: int = 1, **changes: object) -> CaptionerConfig:
     """A tiny non-square model's config; `changes` in the flat names of the first checkpoint
     format (`encoder_dim`, `decoder_depth`, ...), `decoder` the decoder's kind."""
     values: dict = dict(
@@ -40,20 +40,30 @@ def tiny_config(decoder: str = "cross", **changes: object) -> CaptionerConfig:
     )  # fmt: skip
     values.update(changes)
     config = CaptionerConfig.from_dict(values)
-    config.decoder.kind = decoder
+    config.decoder.kind, config.decoder.cross_every = decoder, cross_every
     config.validate()
     return config
 
 
 # The ways a decoder reads the image: every invariant of a caption decoder holds for each.
-FUSIONS = {"cross": {}, "prefix": {"decoder": "prefix"}}
+FUSIONS = {"cross": {}, "cross_every_2": {"cross_every": 2}, "prefix": {"decoder": "prefix"}}
+
+
+def open_gates(model: CaptionerModel, value: float = 0.5) -> CaptionerModel:
+    """Gated cross-attention starts shut (tanh(0) = 0), blind to the image; open it as
+    training would, so that tests of what the image changes can see it."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("cross_gate"):
+                param.fill_(value)
+    return model
 
 
 @pytest.fixture(scope="session", params=list(FUSIONS))
 def fusion_model(request: pytest.FixtureRequest) -> CaptionerModel:
-    """The tiny model with each fusion (`FUSIONS`)."""
+    """The tiny model with each fusion (`FUSIONS`), gates opened."""
     torch.manual_seed(0)
-    return CaptionerModel(tiny_config(**FUSIONS[request.param])).eval()
+    return open_gates(CaptionerModel(tiny_config(**FUSIONS[request.param])).eval())
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import torch
 from captioner.errors import ConfigError
 from captioner.generation import DecodingOptions, Generated, generate
 from captioner.models import CaptionerModel, PrefixDecoder
-from tests.conftest import FUSIONS, tiny_config
+from tests.conftest import FUSIONS, open_gates, tiny_config
 
 BOS, EOS, PAD = 1, 2, 0
 STRATEGIES = {
@@ -25,14 +25,14 @@ def model(request: pytest.FixtureRequest) -> CaptionerModel:
     length.
 
     The standard initialisation makes a fresh model nearly ignore the image; weights of
-    variance scale^2 / fan-in make it sensitive to it, and a larger <eos>
+    variance scale^2 / fan-in (and gates opened) make it sensitive to it, and a larger <eos>
     embedding ends captions at varied steps. The seeds and scales are ones whose captions
     vary (`test_captions_vary_in_words_and_length`).
     """
-    seed, scale = {"cross": (2, 2.0), "prefix": (4, 3.0)}[request.param]
+    seed, scale = {"cross": (2, 2.0), "cross_every_2": (2, 3.0), "prefix": (4, 3.0)}[request.param]
     torch.manual_seed(seed)
     config = tiny_config(vocab_size=23, max_len=12, **FUSIONS[request.param])
-    model = CaptionerModel(config).eval()
+    model = open_gates(CaptionerModel(config).eval(), 1.0)
     with torch.no_grad():
         for param in model.parameters():
             if param.ndim >= 2:
@@ -161,7 +161,7 @@ def test_image_attention_keys_and_values_are_projected_once_per_image(
     if isinstance(model.decoder, PrefixDecoder):
         projections = [model.decoder.image_proj]
     else:
-        projections = [b.cross_attn.kv_proj for b in model.decoder.blocks]
+        projections = [b.cross_attn.kv_proj for b in model.decoder.blocks if b.reads_image]
     hooks = [
         projection.register_forward_hook(lambda _m, args, _out: rows_seen.append(args[0].shape[0]))
         for projection in projections

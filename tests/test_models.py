@@ -10,7 +10,7 @@ from captioner.benchmark import CPU_ATTENTION_FLOPS
 from captioner.errors import ConfigError
 from captioner.models import Attention, CaptionerConfig, CaptionerModel, PrefixDecoder
 from captioner.models.attention import attention_mask
-from tests.conftest import FUSIONS, tiny_config
+from tests.conftest import FUSIONS, open_gates, tiny_config
 
 
 def inputs(batch: int = 2, length: int = 7, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,7 +135,7 @@ def test_model_paths_agree_and_return_every_map(fusion_model: CaptionerModel) ->
 
 @pytest.mark.parametrize("fusion", FUSIONS)
 def test_every_parameter_gets_a_gradient(fusion: str) -> None:
-    model = CaptionerModel(tiny_config(pos_embed="learned", **FUSIONS[fusion]))
+    model = open_gates(CaptionerModel(tiny_config(pos_embed="learned", **FUSIONS[fusion])))
     images, tokens = inputs()
     loss = model(images, tokens).logsumexp(-1).mean()
     loss.backward()
@@ -268,6 +268,22 @@ def test_prefix_image_positions_never_see_the_words() -> None:
             hook.remove()
     for before, after in zip(first, states, strict=True):
         torch.testing.assert_close(after, before, atol=0, rtol=0)
+
+
+def test_gated_cross_attention_starts_shut_and_learns_to_open() -> None:
+    """tanh(0) = 0: a fresh gated decoder ignores the image, the gate still gets a gradient
+    (the cross-attention's output), and the cross-attention's own weights get none yet."""
+    torch.manual_seed(0)
+    model = CaptionerModel(tiny_config(cross_every=2)).train()
+    reading = [block for block in model.decoder.blocks if block.reads_image]
+    assert len(reading) == 1 and model.decoder.blocks[0] is reading[0]
+    images, tokens = inputs()
+    logits = model(images, tokens)
+    torch.testing.assert_close(model(torch.randn_like(images), tokens), logits)
+    logits.logsumexp(-1).mean().backward()
+    gate, cross = reading[0].cross_gate, reading[0].cross_attn
+    assert gate.grad is not None and gate.grad.abs() > 0
+    assert all(p.grad is None or not p.grad.any() for p in cross.parameters())
 
 
 @pytest.mark.parametrize("fusion", FUSIONS)

@@ -65,7 +65,9 @@ class Block(nn.Module):
 
 
 class DecoderBlock(nn.Module):
-    """Causal self-attention over the words so far, cross-attention to the image tokens, MLP."""
+    """Causal self-attention over the words so far, cross-attention to the image tokens (when
+    this block reads the image), MLP. A `gated` block scales its cross-attention by
+    tanh(gate), the gate starting at 0 (Flamingo), so the image is let in gradually."""
 
     def __init__(
         self,
@@ -74,19 +76,25 @@ class DecoderBlock(nn.Module):
         context_dim: int,
         mlp_ratio: float,
         dropout: float,
+        reads_image: bool = True,
+        gated: bool = False,
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.self_attn = Attention(dim, heads, dropout=dropout)
-        self.norm2 = nn.LayerNorm(dim)
-        self.cross_attn = Attention(dim, heads, kv_dim=context_dim, dropout=dropout)
+        self.reads_image = reads_image
+        if reads_image:
+            self.norm2 = nn.LayerNorm(dim)
+            self.cross_attn = Attention(dim, heads, kv_dim=context_dim, dropout=dropout)
+            self.cross_gate = nn.Parameter(torch.zeros(())) if gated else None
         self.norm3 = nn.LayerNorm(dim)
         self.mlp = MLP(dim, int(dim * mlp_ratio), dropout)
 
     def forward(
         self, x: torch.Tensor, reading: Reading, cache: LayerCache | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """Returns the new stream and, with `need_weights`, self- and cross-attention weights.
+        """Returns the new stream and, with `need_weights`, self- and cross-attention weights
+        (None for the latter in a block that does not read the image).
 
         With a `cache` (this block's layer of `reading.cache`), `x` holds only the new
         positions: their keys and values are appended to it, and the image's keys and values
@@ -97,10 +105,14 @@ class DecoderBlock(nn.Module):
             need_weights=reading.need_weights, cache=cache,
         )  # fmt: skip
         x = x + attn_out
-        attn_out, cross_weights = self.cross_attn(
-            self.norm2(x), reading.memory, key_padding_mask=reading.memory_padding_mask,
-            need_weights=reading.need_weights, kv=None if cache is None else cache.memory_kv,
-        )  # fmt: skip
-        x = x + attn_out
+        cross_weights = None
+        if self.reads_image:
+            attn_out, cross_weights = self.cross_attn(
+                self.norm2(x), reading.memory, key_padding_mask=reading.memory_padding_mask,
+                need_weights=reading.need_weights, kv=None if cache is None else cache.memory_kv,
+            )  # fmt: skip
+            if self.cross_gate is not None:
+                attn_out = attn_out * self.cross_gate.tanh()
+            x = x + attn_out
         x = x + self.mlp(self.norm3(x))
         return x, self_weights, cross_weights

@@ -44,9 +44,10 @@ class DecoderConfig:
     """The caption decoder, and how it reads the image.
 
     `cross`: every block is causal self-attention over the words, then cross-attention from
-    the words to the image tokens, then an MLP. `prefix`: a decoder-only model: the image
-    tokens, projected to `dim`, come first, then the words, through one stack of
-    self-attention blocks under a prefix-LM mask.
+    the words to the image tokens, then an MLP; with `cross_every: k` > 1 only every k-th
+    block (the first, the (k+1)-th, ...) reads the image, through a tanh gate that starts at 0
+    (Flamingo). `prefix`: a decoder-only model: the image tokens, projected to `dim`, come
+    first, then the words, through one stack of self-attention blocks under a prefix-LM mask.
     """
 
     kind: str = "cross"  # how the image comes in: cross or prefix
@@ -54,10 +55,14 @@ class DecoderConfig:
     depth: int = 6  # number of blocks
     heads: int = 3  # attention heads per attention layer
     mlp_ratio: float = 4.0  # hidden width of each MLP relative to `dim`
+    cross_every: int = 1  # cross only: every k-th block reads the image (k > 1: gated)
 
     @property
     def label(self) -> str:
-        """How the words read the image, for tables: `cross`, `prefix`."""
+        """How the words read the image, for tables: `cross`, `cross, every 2 (gated)`,
+        `prefix`."""
+        if self.cross_every > 1:
+            return f"{self.kind}, every {self.cross_every} (gated)"
         return self.kind
 
 
@@ -214,3 +219,14 @@ def _check_decoder(config: DecoderConfig) -> None:
             f"model.decoder.kind must be one of {list(DECODER_KINDS)}, got {short(config.kind)}."
         )
     _check_width(config, "model.decoder")
+    _positive(config, ("cross_every",), "model.decoder")
+    if config.kind == "prefix" and config.cross_every != 1:
+        raise ConfigError(
+            "model.decoder.cross_every is for model/decoder=cross; the prefix decoder reads "
+            "the image in every block."
+        )
+    if config.cross_every > config.depth:
+        raise ConfigError(
+            f"model.decoder.cross_every={config.cross_every} exceeds model.decoder.depth="
+            f"{config.depth}: at most one block in every {config.depth} would read the image."
+        )

@@ -6,7 +6,8 @@ grounding): word and position embeddings, the output projection tied to the word
 a KV cache, and per-layer attention split into the words' attention over the image
 (`image_attention`) and over the words (`self_attention`), whatever the fusion. Two fusions:
 - `CrossAttentionDecoder` (`model/decoder=cross`): each block is causal self-attention over
-  the words, cross-attention from the words to the image tokens, MLP. Attention costs
+  the words, cross-attention from the words to the image tokens, MLP; with `cross_every=k`
+  only every k-th block reads the image, through a tanh gate starting at 0. Attention costs
   m^2 + n*m for m words and n image tokens.
 - `PrefixDecoder` (`model/decoder=prefix`): decoder-only. The image tokens, projected to the
   decoder's width, are the first n positions, the words the next m, in one stack of
@@ -155,17 +156,19 @@ class CrossAttentionDecoder(CaptionDecoder):
 
     def __init__(self, config: CaptionerConfig) -> None:
         super().__init__(config)
+        every = config.decoder.cross_every
         self.blocks = nn.ModuleList(
             DecoderBlock(
                 config.decoder.dim, config.decoder.heads, config.encoder.dim,
-                config.decoder.mlp_ratio, config.dropout,
+                config.decoder.mlp_ratio, config.dropout, reads_image=i % every == 0,
+                gated=every > 1,
             )
-            for _ in range(config.decoder.depth)
+            for i in range(config.decoder.depth)
         )  # fmt: skip
 
     @property
     def image_layers(self) -> int:
-        return len(self.blocks)
+        return sum(block.reads_image for block in self.blocks)
 
     def attention_flops(self, image_tokens: int, words: int, cached: bool) -> DecoderFlops:
         # causal self-attention: step t reads t positions with the cache; m x m without
@@ -180,7 +183,7 @@ class CrossAttentionDecoder(CaptionDecoder):
         and block; every later step (and every beam of the image) reads them."""
         max_len = self._cache_len(max_len)
         return DecoderCache([
-            LayerCache(max_len, block.cross_attn.project_kv(memory))
+            LayerCache(max_len, block.cross_attn.project_kv(memory) if block.reads_image else None)
             for block in self.blocks
         ])  # fmt: skip
 
@@ -192,7 +195,8 @@ class CrossAttentionDecoder(CaptionDecoder):
             layer = None if reading.cache is None else reading.cache.layers[i]
             x, sw, cw = block(x, reading, layer)
             self_weights.append(sw)
-            image_weights.append(cw)
+            if block.reads_image:
+                image_weights.append(cw)
         return self.norm(x), self_weights, image_weights
 
 

@@ -131,14 +131,14 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     if rank_zero_only.rank == 0:
         log.info("model: %s parameters", f"{num_params:,}")
 
-    fit_seconds = 0.0
+    fit_seconds, steps = 0.0, _StepTimer()
     if cfg.get("train", True):
         if trainer.is_global_zero:
             for folder in folders:
                 for stale in remove_stale_temporaries(folder):
                     log.warning("removed %s, left by a checkpoint write that was killed", stale)
         start = time.perf_counter()
-        started, steps = _TrainingStarted(), _StepTimer()
+        started = _TrainingStarted()
         trainer.callbacks.extend([started, steps])
         with (
             _sigterm_reported("before the first training step; nothing was saved"),
@@ -172,7 +172,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     metrics["train/seconds"] = round(fit_seconds, 1)
     metrics["train/steps"] = float(trainer.global_step)
     metrics["model/params"] = float(num_params)
-    if cfg.get("train", True) and steps.seconds:
+    if steps.seconds:  # zero unless this call trained
         metrics["train/images_per_s"] = round(steps.images / steps.seconds, 2)
     metrics.update(_data_metrics(datamodule, trainer))
 

@@ -18,12 +18,14 @@ from captioner.models import CaptionerConfig
 
 def hf_captioner(config: CaptionerConfig, bos_id: int, eos_id: int, pad_id: int) -> Any:
     """A `VisionEncoderDecoderModel` of the same architecture as `CaptionerModel(config)`:
-    a ViT encoder and a cross-attention decoder (the only fusion it has)."""
+    a ViT encoder and a cross-attention decoder (the only fusion it has), multi-head
+    attention, added positions."""
     encoder_config, decoder_config = config.encoder, config.decoder
-    if decoder_config.label != "cross":
+    if config.label != "cross":
         raise ConfigError(
-            "the Hugging Face baseline has a cross-attention decoder only: benchmark "
-            "model/decoder=cross, or leave the baseline out with --no-hf."
+            f"the Hugging Face baseline is a multi-head cross-attention captioner with added "
+            f"positions, not {config.label}: benchmark model/decoder=cross without kv_heads or "
+            "rope, or leave the baseline out with --no-hf."
         )
     try:
         from transformers import (

@@ -8,6 +8,7 @@ Hugging Face baseline (`captioner.baseline`) gets the same inputs, batch and thr
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import statistics
@@ -21,16 +22,21 @@ from typing import Any, TypeVar
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from captioner.baseline import hf_captioner, hf_generate, hf_loss
-from captioner.data import TableDataModule
+from captioner.checkpoint import CheckpointContents
+from captioner.data import TableDataModule, Tokenizer
+from captioner.data.shapes import parse_caption
 from captioner.generation import DecodingOptions, generate
+from captioner.inference import DTYPES
 from captioner.lit_module import teacher_forced_loss
 from captioner.models import CaptionerConfig, CaptionerModel
 
 BOS, EOS, PAD = 1, 2, 0
+CPU = torch.device("cpu")
 K = TypeVar("K", bound=Hashable)
 
 
@@ -45,19 +51,28 @@ class Measurement:
     tokens: int  # tokens generated per caption
     cache: bool  # decoded with the KV cache
     value: float
+    dtype: str = "fp32"  # of the weights (and activations) while decoding
 
 
-def median_seconds(functions: dict[K, Callable[[], object]], repeats: int) -> dict[K, float]:
+def median_seconds(
+    functions: dict[K, Callable[[], object]], repeats: int, device: torch.device | None = None
+) -> dict[K, float]:
     """Median wall time of each function over `repeats` rounds, after one warm-up round.
 
     The functions take turns within every round, so a slow spell of a shared machine falls on
-    all of them alike and the ratios between them stay fair.
+    all of them alike and the ratios between them stay fair. On a GPU `device` each call is
+    timed to the end of the work it queued.
     """
+    sync = torch.cuda.synchronize if device is not None and device.type == "cuda" else None
     times: dict[K, list[float]] = {key: [] for key in functions}
     for round_ in range(repeats + 1):
         for key, function in functions.items():
+            if sync:
+                sync()
             start = time.perf_counter()
             function()
+            if sync:
+                sync()
             if round_:  # round 0 warms up
                 times[key].append(time.perf_counter() - start)
     return {key: statistics.median(values) for key, values in times.items()}
@@ -81,17 +96,18 @@ def generation_benchmark(
     caption_tokens: int = 20,
     repeats: int = 7,
     hf: bool = True,
+    device: torch.device = CPU,
 ) -> list[Measurement]:
     """Captions/second for greedy and beam-3 search, ours on our KV cache and, with `hf`,
     Hugging Face's `generate()` on its cache, exactly `caption_tokens` tokens per caption."""
     config = replace(config, max_len=max(config.max_len, caption_tokens + 1))
     torch.manual_seed(0)
-    models = {"captioner": CaptionerModel(config).eval()}
+    models = {"captioner": CaptionerModel(config).eval().to(device)}
     if hf:
-        models["hf"] = hf_captioner(config, BOS, EOS, PAD).eval()
+        models["hf"] = hf_captioner(config, BOS, EOS, PAD).eval().to(device)
     rows: list[Measurement] = []
     for batch in batch_sizes:
-        images = torch.randn(batch, config.encoder.in_channels, *config.image_size)
+        images = torch.randn(batch, config.encoder.in_channels, *config.image_size, device=device)
         functions: dict[tuple[str, str], Callable[[], object]] = {}
         for name, k in SEARCHES.items():
             functions["captioner", name] = decode_call(
@@ -102,7 +118,7 @@ def generation_benchmark(
                 functions["hf", name] = partial(
                     hf_generate, models["hf"], images, caption_tokens, k
                 )
-        for (model, name), seconds in median_seconds(functions, repeats).items():
+        for (model, name), seconds in median_seconds(functions, repeats, device).items():
             rows.append(
                 Measurement(model, "captions/s", name, batch, caption_tokens, True, batch / seconds)
             )
@@ -115,33 +131,38 @@ def decoding_benchmark(
     batch_sizes: tuple[int, ...] = (1, 32),
     lengths: tuple[int, ...] = (16, 32, 64),
     repeats: int = 7,
+    device: torch.device = CPU,
+    dtypes: tuple[str, ...] = ("fp32",),
 ) -> list[Measurement]:
-    """Our time per generated token at several caption lengths, with and without the KV cache.
+    """Our time per generated token at several caption lengths, with and without the KV cache,
+    with the weights in each of `dtypes` (the same weights, cast).
 
     Time per token leaves out the image encoder: it is timed alone and subtracted, so the
     figure is what one more word costs.
     """
     config = replace(config, max_len=max(lengths) + 1)
     torch.manual_seed(0)
-    model = CaptionerModel(config).eval()
+    model = CaptionerModel(config).eval().to(device)
+    models = {dtype: copy.deepcopy(model).to(DTYPES[dtype]) for dtype in dtypes}
     rows: list[Measurement] = []
     for batch in batch_sizes:
-        images = torch.randn(batch, config.encoder.in_channels, *config.image_size)
-        functions: dict[tuple[int, bool] | str, Callable[[], object]] = {
-            (length, cached): decode_call(
-                model, images, min_length=length, max_length=length, use_cache=cached
-            )
-            for length in lengths
-            for cached in (True, False)
-        }
-        functions["encoder"] = lambda images=images: _encode(model, images)
-        timed = median_seconds(functions, repeats)
-        for key, seconds in timed.items():
-            if isinstance(key, tuple):
-                length, cached = key
-                ms = 1000 * (seconds - timed["encoder"]) / length
-                row = Measurement("captioner", "ms/token", "greedy", batch, length, cached, ms)
-                rows.append(row)
+        images = torch.randn(batch, config.encoder.in_channels, *config.image_size, device=device)
+        functions: dict[tuple[str, int, bool], Callable[[], object]] = {}
+        for dtype, cast in models.items():
+            pixels = images.to(DTYPES[dtype])
+            functions[dtype, 0, True] = partial(_encode, cast, pixels)
+            for length in lengths:
+                for cached in (True, False):
+                    functions[dtype, length, cached] = decode_call(
+                        cast, pixels, min_length=length, max_length=length, use_cache=cached
+                    )
+        timed = median_seconds(functions, repeats, device)
+        for (dtype, length, cached), seconds in timed.items():
+            if length:
+                ms = 1000 * (seconds - timed[dtype, 0, True]) / length
+                rows.append(Measurement(
+                    "captioner", "ms/token", "greedy", batch, length, cached, ms, dtype
+                ))  # fmt: skip
     return rows
 
 
@@ -153,7 +174,11 @@ def _encode(model: CaptionerModel, images: torch.Tensor) -> torch.Tensor:
 def cache_summary(rows: list[Measurement]) -> dict[str, float]:
     """Per batch size: how flat the cached cost per token is (longest length over shortest),
     and how much faster cached decoding is than recomputation at each length."""
-    per_token = {(r.batch, r.tokens, r.cache): r.value for r in rows if r.measure == "ms/token"}
+    per_token = {
+        (r.batch, r.tokens, r.cache): r.value
+        for r in rows
+        if r.measure == "ms/token" and r.dtype == "fp32"
+    }
     if not per_token:
         return {}
     lengths = sorted({tokens for _, tokens, _ in per_token})
@@ -165,9 +190,6 @@ def cache_summary(rows: list[Measurement]) -> dict[str, float]:
             speedup = per_token[batch, length, False] / per_token[batch, length, True]
             out[f"batch {batch}: cache speed-up, {length} tokens"] = speedup
     return out
-
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -190,10 +212,14 @@ class TrainingSpeed:
         return self.images_per_s * self.gflop_per_image / self.peak_gflops
 
 
-def matmul_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
+def matmul_peak(
+    dtype: torch.dtype, size: int = 2048, repeats: int = 5, device: torch.device = CPU
+) -> float:
     """FLOP/s of one large square `torch.matmul` in `dtype`: the ceiling MFU is measured against."""
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    seconds = median_seconds({"mm": lambda: a @ b}, repeats)["mm"]
+    if device.type == "cuda":
+        size *= 4  # a GPU needs a larger product to reach its peak
+    a, b = (torch.randn(size, size, dtype=dtype, device=device) for _ in range(2))
+    seconds = median_seconds({"mm": lambda: a @ b}, repeats, device)["mm"]
     return 2 * size**3 / seconds
 
 
@@ -221,12 +247,12 @@ def random_captions(config: CaptionerConfig, batch: int, lengths: str = "full") 
 
 
 def _training_step(
-    model: torch.nn.Module, loss: Callable[[], torch.Tensor], dtype: str
+    model: torch.nn.Module, loss: Callable[[], torch.Tensor], dtype: str, device: torch.device = CPU
 ) -> Callable[[], None]:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
             value = loss()
         optimizer.zero_grad(set_to_none=True)
         value.backward()
@@ -268,6 +294,7 @@ def training_benchmark(
     repeats: int = 7,
     hf: bool = True,
     compiled: bool = False,
+    device: torch.device = CPU,
 ) -> list[TrainingSpeed]:
     """Images/second and MFU of our training step and, with `hf`, of Hugging Face's, on the
     same images and captions (`random_captions`), batch and threads; with `compiled`, also
@@ -278,14 +305,14 @@ def training_benchmark(
     does the same work as the eager one, and is counted as such.
     """
     torch.manual_seed(0)
-    ours = CaptionerModel(config).train()
+    ours = CaptionerModel(config).train().to(device)
     models: dict[str, torch.nn.Module] = {"captioner": ours}
     if compiled:
         models["compiled"] = ours
     if hf:
-        models["hf"] = hf_captioner(config, BOS, EOS, PAD).train()
-    images = torch.randn(batch_size, config.encoder.in_channels, *config.image_size)
-    batches = {kind: random_captions(config, batch_size, kind) for kind in captions}
+        models["hf"] = hf_captioner(config, BOS, EOS, PAD).train().to(device)
+    images = torch.randn(batch_size, config.encoder.in_channels, *config.image_size, device=device)
+    batches = {kind: random_captions(config, batch_size, kind).to(device) for kind in captions}
 
     def loss(name: str, tokens: torch.Tensor) -> Callable[[], torch.Tensor]:
         if name == "hf":
@@ -295,7 +322,7 @@ def training_benchmark(
         return lambda: caption_loss(images, tokens, PAD)[0]
 
     steps = {
-        (name, dtype, kind): _training_step(model, loss(name, tokens), dtype)
+        (name, dtype, kind): _training_step(model, loss(name, tokens), dtype, device)
         for kind, tokens in batches.items()
         for dtype in dtypes
         for name, model in models.items()
@@ -306,8 +333,8 @@ def training_benchmark(
         )
         for name, dtype, kind in steps
     }
-    timed = median_seconds(steps, repeats)
-    peaks = {dtype: matmul_peak(DTYPES[dtype], repeats=repeats) for dtype in dtypes}
+    timed = median_seconds(steps, repeats, device)
+    peaks = {dtype: matmul_peak(DTYPES[dtype], repeats=repeats, device=device) for dtype in dtypes}
     rows = []
     for (name, dtype, kind), seconds in timed.items():
         tokens = float((batches[kind] != PAD).sum()) / batch_size
@@ -433,3 +460,177 @@ def fusion_scaling(
                 sum(model.attention_flops(tokens).values()) / 1e6, tokens,
             ))  # fmt: skip
     return rows
+
+
+@dataclass
+class VariantCost:
+    """One architecture's training and decoding costs, measured in turns with the others'."""
+
+    variant: str  # its label (`CaptionerConfig.label`)
+    params: int
+    train_images_per_s: float  # training step (forward, backward, AdamW) under `dtype`
+    dtype: str  # of the training step: "fp32", or "bf16" autocast
+    ms_per_token: dict[tuple[int, int], float]  # (batch, caption length) -> greedy, cached
+    cache_bytes: dict[int, int]  # caption length -> KV-cache bytes per image
+
+
+@torch.no_grad()
+def cache_bytes(model: CaptionerModel, length: int, batch: int = 1) -> int:
+    """What the decoder keeps per image while it decodes captions of `length` tokens."""
+    config, weight = model.config, next(model.parameters())
+    images = weight.new_zeros(batch, config.encoder.in_channels, *config.image_size)
+    memory, _ = model.encoder(images)
+    cache = model.decoder.init_cache(memory, max_len=length)
+    bos = torch.full((batch, 1), BOS, device=weight.device)
+    model.decoder(bos, None, cache=cache, last_only=True)
+    return cache.nbytes // batch
+
+
+def variant_costs(
+    configs: dict[str, CaptionerConfig],
+    *,
+    batch_size: int = 64,
+    batch_sizes: tuple[int, ...] = (1, 32),
+    lengths: tuple[int, ...] = (16, 64),
+    dtype: str = "bf16",
+    repeats: int = 7,
+    device: torch.device = CPU,
+) -> list[VariantCost]:
+    """Training images/s, greedy decoding ms/token (KV cache, the encoder's time subtracted)
+    at each batch size and caption length, and KV-cache bytes per image, of each named
+    architecture: any preset with any overrides, every figure timed in turns."""
+    functions: dict[tuple[str, str, int, int], Callable[[], object]] = {}
+    models = {}
+    for name, config in configs.items():
+        config = replace(config, max_len=max(config.max_len, max(lengths) + 1))
+        torch.manual_seed(0)
+        model = models[name] = CaptionerModel(config).eval().to(device)  # dropout off
+        images = torch.randn(batch_size, config.encoder.in_channels, *config.image_size,
+                             device=device)  # fmt: skip
+        captions = random_captions(config, batch_size, "coco").to(device)
+        loss = partial(teacher_forced_loss, model, images, captions, PAD)
+        functions[name, "train", 0, 0] = _training_step(
+            model, lambda loss=loss: loss()[0], dtype, device
+        )
+        for batch in batch_sizes:
+            some = images[:batch].contiguous()
+            functions[name, "encode", batch, 0] = partial(_encode, model, some)
+            for length in lengths:
+                functions[name, "decode", batch, length] = decode_call(
+                    model, some, min_length=length, max_length=length
+                )
+    timed = median_seconds(functions, repeats, device)
+    rows = []
+    for name, model in models.items():
+        per_token = {
+            (batch, length): 1000 * (timed[name, "decode", batch, length]
+                                     - timed[name, "encode", batch, 0]) / length
+            for batch in batch_sizes for length in lengths
+        }  # fmt: skip
+        rows.append(VariantCost(
+            name, model.num_parameters(), batch_size / timed[name, "train", 0, 0], dtype,
+            per_token, {length: cache_bytes(model, length) for length in lengths},
+        ))  # fmt: skip
+    return rows
+
+
+@dataclass
+class PrecisionCheck:
+    """A trained checkpoint decoded with float32 weights and with lower-precision ones."""
+
+    dtype: str  # the lower precision, e.g. "bf16"
+    strategy: str  # "greedy" or "beam-3"
+    images: int  # test images captioned by both
+    identical: float  # fraction of images whose captions are token for token the same
+    captions_per_s: dict[int, tuple[float, float]]  # batch -> (fp32, low), medians
+    logprob_gap: float  # median, over the captions that differ, of how much likelier (nats)
+    # the float32 model finds its own caption than the other: near 0 means near-ties
+    same_scene: float | None  # shapes: fraction whose captions state the same scene
+
+
+def precision_check(
+    contents: CheckpointContents,
+    dtype: torch.dtype,
+    *,
+    limit: int | None = None,
+    batch_sizes: tuple[int, ...] = (1,),
+    timed_images: int = 16,
+    repeats: int = 5,
+) -> list[PrecisionCheck]:
+    """How often a checkpoint's test captions stay the same with its weights in `dtype`, and
+    how much faster they come: the first `limit` images of its recorded test split, greedy and
+    beam 3; the speed of captioning `timed_images` of them `batch` at a time, the two
+    precisions in turns."""
+    fp32, low = contents.build_model(), contents.build_model().to(dtype)
+    tokenizer = Tokenizer.from_dict(contents.tokenizer)
+    ids = (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
+    datamodule = contents.datamodule()
+    datamodule.setup("test")
+    batches = []
+    for batch in datamodule.test_dataloader()[0]:
+        batches.append(batch["images"])
+        if limit is not None and sum(map(len, batches)) >= limit:
+            break
+    images = torch.cat(batches)[:limit]
+    rows = []
+    for strategy, beams in SEARCHES.items():
+        caption = partial(_caption_all, ids=ids, beams=beams)
+        exact, fast = caption(fp32, images.split(64)), caption(low, images.split(64))
+        same = (exact == fast).all(dim=1)
+        differ = (~same).nonzero().flatten()
+        gap = torch.zeros(1)
+        if len(differ):
+            picked = images[differ]
+            gap = _logprob(fp32, picked, exact[differ], ids) - _logprob(
+                fp32, picked, fast[differ], ids
+            )
+        scenes = [
+            (
+                parse_caption(tokenizer.decode(a.tolist())),
+                parse_caption(tokenizer.decode(b.tolist())),
+            )
+            for a, b in zip(exact, fast, strict=True)
+        ]
+        parsed = [a == b for a, b in scenes if a is not None]
+        speed = {}
+        for batch in batch_sizes:
+            chunks = images[:timed_images].split(batch)
+            timed = median_seconds(
+                {"fp32": partial(caption, fp32, chunks), "low": partial(caption, low, chunks)},
+                repeats,
+            )
+            count = sum(map(len, chunks))
+            speed[batch] = (count / timed["fp32"], count / timed["low"])
+        name = next(k for k, v in DTYPES.items() if v == dtype)
+        rows.append(PrecisionCheck(
+            name, strategy, len(images), same.float().mean().item(), speed,
+            gap.median().item(),
+            sum(parsed) / len(parsed) if parsed else None,
+        ))  # fmt: skip
+    return rows
+
+
+@torch.no_grad()
+def _logprob(
+    model: CaptionerModel, images: torch.Tensor, tokens: torch.Tensor, ids: tuple[int, int, int]
+) -> torch.Tensor:
+    """log p(caption | image) under `model` of each padded caption (B, T), <eos> included."""
+    bos, _, pad = ids
+    inputs = torch.cat([torch.full_like(tokens[:, :1], bos), tokens[:, :-1]], dim=1)
+    logprobs = model(images, inputs).float().log_softmax(-1)
+    picked = logprobs.gather(-1, tokens[..., None]).squeeze(-1)
+    return picked.masked_fill(tokens == pad, 0.0).sum(dim=1)
+
+
+def _caption_all(
+    model: CaptionerModel,
+    chunks: tuple[torch.Tensor, ...],
+    *,
+    ids: tuple[int, int, int],
+    beams: int,
+) -> torch.Tensor:
+    """The tokens of every image's caption (images, longest), padded, batch by batch."""
+    dtype, options = next(model.parameters()).dtype, DecodingOptions(beam_size=beams)
+    tokens = [generate(model, chunk.to(dtype), *ids, options).tokens for chunk in chunks]
+    width = max(t.shape[1] for t in tokens)
+    return torch.cat([F.pad(t, (0, width - t.shape[1]), value=ids[2]) for t in tokens])

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from captioner.benchmark import BOS, decode_call, median_seconds
+from captioner.benchmark import cache_bytes, decode_call, median_seconds
 from captioner.checkpoint import load_checkpoint
 from captioner.errors import CheckpointError, DataError
 from captioner.models import CaptionerConfig, CaptionerModel
@@ -109,8 +109,8 @@ def group_runs(runs: Sequence[Run]) -> list[Variant]:
     for run in runs:
         match = next((v for v in variants if v.config.to_dict() == run.config.to_dict()), None)
         if match is None:
-            name = run.config.decoder.label
-            same = sum(v.config.decoder.label == name for v in variants)
+            name = run.config.label
+            same = sum(v.config.label == name for v in variants)
             match = Variant(name if not same else f"{name} #{same + 1}", run.config)
             variants.append(match)
         match.runs.append(run)
@@ -131,7 +131,7 @@ def measure_costs(
         model = models[variant.name] = CaptionerModel(config).eval()
         variant.params = model.num_parameters()
         variant.attention_flops = model.attention_flops(min(lengths))
-        variant.cache_bytes = _cache_bytes(model, longest)
+        variant.cache_bytes = cache_bytes(model, longest)
     functions: dict[tuple[str, int | None], Callable[[], object]] = {}
     for name, model in models.items():
         images = torch.randn(1, model.config.encoder.in_channels, *model.config.image_size)
@@ -146,17 +146,6 @@ def measure_costs(
         for length in lengths:
             ms = 1000 * (timed[variant.name, length] - one) / (length - 1)
             variant.ms_per_token[length] = ms
-
-
-@torch.no_grad()
-def _cache_bytes(model: CaptionerModel, length: int) -> int:
-    """What the decoder keeps for one image while it decodes a caption of `length` tokens."""
-    config = model.config
-    images = torch.zeros(1, config.encoder.in_channels, *config.image_size)
-    memory, _ = model.encoder(images)
-    cache = model.decoder.init_cache(memory, max_len=length)
-    model.decoder(torch.full((1, 1), BOS), None, cache=cache, last_only=True)
-    return cache.nbytes
 
 
 def _spread(values: list[float], digits: int) -> str:

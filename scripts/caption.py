@@ -1,7 +1,7 @@
 """Caption image files with a trained checkpoint.
 
-    python scripts/caption.py --ckpt PATH [--beam-size N] [--max-length N] [--json]
-                              [--save-attention DIR] IMAGE_OR_DIR ...
+    python scripts/caption.py --ckpt PATH [--beam-size N] [--max-length N] [--dtype bf16]
+                              [--json] [--save-attention DIR] IMAGE_OR_DIR ...
 
 Prints `path<TAB>caption` per image (or, with --json, one JSON list). File names are printed
 with backslash escapes for backslashes, tabs, line breaks, other control characters and bytes
@@ -22,7 +22,7 @@ import torch
 
 from captioner.cli import at_least, finite, user_errors
 from captioner.data.tokenizer import escape
-from captioner.inference import Captioner, find_images
+from captioner.inference import DTYPES, Captioner, find_images
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,6 +45,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda if any)"
     )
+    parser.add_argument(
+        "--dtype", choices=list(DTYPES), default="fp32",
+        help="weights while decoding: bf16 is faster where decoding reads weights (default fp32)",
+    )  # fmt: skip
     parser.add_argument("--json", action="store_true", help="a JSON list on stdout")
     parser.add_argument(
         "--save-attention",
@@ -80,7 +84,7 @@ def caption(args: argparse.Namespace) -> int:
 
             figures = AttentionFolder(args.save_attention)
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        captioner = Captioner.from_checkpoint(args.ckpt, device=device)
+        captioner = Captioner.from_checkpoint(args.ckpt, device=device, dtype=args.dtype)
         results = captioner.caption_files(
             files,
             batch_size=args.batch_size,

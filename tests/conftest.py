@@ -33,20 +33,35 @@ def train_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
 
 def tiny_config(decoder: str = "cross", cross_every: int = 1, **changes: object) -> CaptionerConfig:
     """A tiny non-square model's config; `changes` in the flat names of the first checkpoint
-    format (`encoder_dim`, `decoder_depth`, ...), `decoder` the decoder's kind."""
+    format (`encoder_dim`, `decoder_depth`, ...) or as `encoder.key` / `decoder.key` for the
+    newer keys, `decoder` the decoder's kind."""
     values: dict = dict(
         vocab_size=23, image_size=(16, 24), patch_size=4, encoder_dim=32, encoder_depth=2,
         encoder_heads=4, decoder_dim=24, decoder_depth=2, decoder_heads=2, max_len=12,
     )  # fmt: skip
+    nested = {key: changes.pop(key) for key in list(changes) if "." in key}
     values.update(changes)
     config = CaptionerConfig.from_dict(values)
     config.decoder.kind, config.decoder.cross_every = decoder, cross_every
+    for key, value in nested.items():
+        part, name = key.split(".")
+        setattr(getattr(config, part), name, value)
     config.validate()
     return config
 
 
 # The ways a decoder reads the image: every invariant of a caption decoder holds for each.
-FUSIONS = {"cross": {}, "cross_every_2": {"cross_every": 2}, "prefix": {"decoder": "prefix"}}
+# Attention variants: 4 decoder heads over 1 (MQA) or 2 (GQA) key/value heads, rotary word
+# positions and 2-D rotary patch positions.
+_MQA_ROPE = {
+    "decoder_heads": 4, "decoder.kv_heads": 1, "decoder.pos_embed": "rope",
+    "encoder.kv_heads": 1, "encoder.pos_embed": "rope",
+}  # fmt: skip
+_GQA_ROPE = {**_MQA_ROPE, "decoder.kv_heads": 2, "encoder.kv_heads": 2}
+FUSIONS = {
+    "cross": {}, "cross_every_2": {"cross_every": 2}, "prefix": {"decoder": "prefix"},
+    "cross_mqa_rope": _MQA_ROPE, "prefix_gqa_rope": {"decoder": "prefix", **_GQA_ROPE},
+}  # fmt: skip
 
 
 def open_gates(model: CaptionerModel, value: float = 0.5) -> CaptionerModel:

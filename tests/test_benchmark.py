@@ -115,11 +115,17 @@ def test_generation_and_decoding_benchmarks_report_every_figure() -> None:
         (m, s, b) for m in ("captioner", "hf") for s in ("greedy", "beam-3") for b in (1, 2)
     }
     assert all(r.value > 0 and r.measure == "captions/s" for r in rows)
-    rows = decoding_benchmark(CONFIG, batch_sizes=(1, 2), lengths=(2, 4), repeats=1)
-    assert {(r.batch, r.tokens, r.cache) for r in rows} == {
-        (b, n, c) for b in (1, 2) for n in (2, 4) for c in (True, False)
+    rows = decoding_benchmark(
+        CONFIG, batch_sizes=(1, 2), lengths=(2, 4), repeats=1, dtypes=("fp32", "bf16")
+    )
+    assert {(r.dtype, r.batch, r.tokens, r.cache) for r in rows} == {
+        (d, b, n, c)
+        for d in ("fp32", "bf16")
+        for b in (1, 2)
+        for n in (2, 4)
+        for c in (True, False)
     }
-    assert len(cache_summary(rows)) == 2 * 3
+    assert len(cache_summary(rows)) == 2 * 3  # of the fp32 rows
     assert matmul_peak(torch.float32, size=64, repeats=1) > 0
 
 
@@ -159,3 +165,31 @@ def test_fusion_scaling_grows_the_image_and_counts_what_each_fusion_reads() -> N
     assert gap[16] > gap[4]
     with pytest.raises(ValueError, match="square grid"):
         fusion_scaling(CONFIG, variants={"cross": {}}, patches=(5,), repeats=1)
+
+
+def test_variants_are_any_preset_with_overrides_and_report_every_cost() -> None:
+    """The script's default variants (every key/value head count of the tiny preset's 3 heads,
+    added or rotary positions) each get training speed, decoding per batch and length, and a
+    cache that shrinks by heads / kv_heads."""
+    command = [
+        sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--image-size", "32",
+        "--vocab-size", "40", "--train-batch", "2", "--batch-sizes", "1", "2", "--repeats", "1",
+        "--lengths", "2", "4", "--only", "variants", "--json", "model.decoder.depth=1",
+    ]  # fmt: skip
+    out = subprocess.run(command, capture_output=True, text=True, check=True, cwd=ROOT)
+    rows = {r["variant"]: r for r in json.loads(out.stdout)["variants"]}
+    assert list(rows) == ["MHA", "MQA", "MHA, RoPE", "MQA, RoPE"]
+    for row in rows.values():
+        assert row["train_images_per_s"] > 0 and row["dtype"] == "bf16"
+        assert set(row["ms_per_token"]) == {
+            f"batch {b}, {n} tokens" for b in (1, 2) for n in (2, 4)
+        }
+    for kind in ("MQA", "MQA, RoPE"):  # 3 heads share 1 key/value head
+        assert rows[kind]["params"] < rows["MHA"]["params"]
+        for length in ("2", "4"):
+            assert 3 * rows[kind]["cache_bytes"][length] == rows["MHA"]["cache_bytes"][length]
+    bad = subprocess.run(
+        [*command[:-1], "model.decoder.kv_heads=2"], capture_output=True, text=True, cwd=ROOT
+    )
+    assert bad.returncode != 0 and "model.decoder.kv_heads" in bad.stderr
+    assert "Traceback" not in bad.stderr

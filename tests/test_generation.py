@@ -29,7 +29,10 @@ def model(request: pytest.FixtureRequest) -> CaptionerModel:
     embedding ends captions at varied steps. The seeds and scales are ones whose captions
     vary (`test_captions_vary_in_words_and_length`).
     """
-    seed, scale = {"cross": (2, 2.0), "cross_every_2": (2, 3.0), "prefix": (4, 3.0)}[request.param]
+    seed, scale = {
+        "cross": (2, 2.0), "cross_every_2": (2, 3.0), "prefix": (4, 3.0),
+        "cross_mqa_rope": (6, 2.0), "prefix_gqa_rope": (1, 3.0),
+    }[request.param]  # fmt: skip
     torch.manual_seed(seed)
     config = tiny_config(vocab_size=23, max_len=12, **FUSIONS[request.param])
     model = open_gates(CaptionerModel(config).eval(), 1.0)

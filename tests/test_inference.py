@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from captioner.benchmark import precision_check
 from captioner.checkpoint import load_checkpoint
 from captioner.data import ImagePreprocess, ShapesWorld, Tokenizer, load_image
 from captioner.errors import CheckpointError, ConfigError, ImageLoadError
@@ -216,12 +217,30 @@ def test_caption_script_captions_good_files_and_names_bad_ones(
     for path, caption in zip(good, expected, strict=True):  # a frame per word, <eos> included
         assert Image.open(tmp_path / "att" / f"{path.stem}.gif").n_frames == len(caption.words)
 
-    listed = run_script("caption.py", "--ckpt", ckpt, "--json", good[0], good[1], cwd=tmp_path)
+    listed = run_script(
+        "caption.py", "--ckpt", ckpt, "--json", "--dtype", "bf16", good[0], good[1], cwd=tmp_path
+    )
     assert listed.returncode == 0, listed.stderr[-2000:]
+    in_bf16 = Captioner.from_checkpoint(ckpt, dtype="bf16")
     assert json.loads(listed.stdout) == [
-        {"image": str(good[0]), "caption": captioner.caption(good[0], beam_size=3)[0].text},
-        {"image": str(good[1]), "caption": captioner.caption(good[1], beam_size=3)[0].text},
+        {"image": str(good[0]), "caption": in_bf16.caption(good[0], beam_size=3)[0].text},
+        {"image": str(good[1]), "caption": in_bf16.caption(good[1], beam_size=3)[0].text},
     ]
+
+
+def test_bf16_weights_caption_like_fp32(ckpt: Path, captioner: Captioner, scenes: list) -> None:
+    """Weights in bfloat16, scores in float32, close to the float32 model's."""
+    in_bf16 = Captioner.from_checkpoint(ckpt, dtype=torch.bfloat16)
+    assert {p.dtype for p in in_bf16.model.parameters()} == {torch.bfloat16}
+    fast, exact = in_bf16.caption(scenes, return_attention=True), captioner.caption(scenes)
+    assert all(r.token_logprobs.dtype == torch.float32 for r in fast)
+    assert all(r.image_attention.dtype == torch.float32 for r in fast)
+    same = [(a, b) for a, b in zip(fast, exact, strict=True) if a.tokens == b.tokens]
+    assert len(same) >= len(scenes) // 2
+    for a, b in same:  # bf16 keeps 8 bits of mantissa: log-probs agree to a few hundredths
+        torch.testing.assert_close(a.token_logprobs, b.token_logprobs, atol=0.05, rtol=0.05)
+    with pytest.raises(ConfigError, match="fp32, bf16"):
+        Captioner.from_checkpoint(ckpt, dtype="float8")
 
 
 def bomb_png(path: Path, width: int, height: int) -> None:
@@ -256,3 +275,17 @@ def test_bad_image_files_are_named(
             load_image(path)
     with pytest.raises(ImageLoadError, match="corrupt.jpg"):
         captioner.caption(bad[0])
+
+
+def test_precision_check_compares_captions_and_speed(ckpt: Path) -> None:
+    """float32 against itself agrees fully; bfloat16 is measured on the same test images."""
+    contents = load_checkpoint(ckpt)
+    same = precision_check(contents, torch.float32, limit=6, timed_images=2, repeats=1)
+    assert [r.strategy for r in same] == ["greedy", "beam-3"]
+    for row in same:
+        assert (row.images, row.identical, row.logprob_gap, row.same_scene) == (6, 1.0, 0.0, 1.0)
+    low = precision_check(contents, torch.bfloat16, limit=6, batch_sizes=(1, 2), repeats=1)
+    for row in low:
+        assert row.dtype == "bf16" and 0.0 <= row.identical <= 1.0 and row.logprob_gap >= 0
+        assert set(row.captions_per_s) == {1, 2}
+        assert all(v > 0 for pair in row.captions_per_s.values() for v in pair)

@@ -123,13 +123,14 @@ def test_model_paths_agree_and_return_every_map(fusion_model: CaptionerModel) ->
     out = fusion_model.forward_with_attention(images, tokens)
     torch.testing.assert_close(out.logits, fusion_model(images, tokens), atol=1e-5, rtol=1e-5)
     assert len(out.encoder_attention) == 2 and out.encoder_attention[0].shape == (2, 4, 24, 24)
-    assert len(out.self_attention) == 2 and out.self_attention[0].shape == (2, 2, 7, 7)
+    heads = fusion_model.config.decoder.heads  # per query head, however many key/value heads
+    assert len(out.self_attention) == 2 and out.self_attention[0].shape == (2, heads, 7, 7)
     assert len(out.image_attention) == fusion_model.decoder.image_layers
     for image in out.image_attention:  # words x patches, whatever the fusion
-        assert image.shape == (2, 2, 7, 24)
+        assert image.shape == (2, heads, 7, 24)
     if fusion_model.config.decoder.kind == "prefix":  # one softmax over image and words
         total = out.image_attention[0].sum(-1) + out.self_attention[0].sum(-1)
-        torch.testing.assert_close(total, torch.ones(2, 2, 7))
+        torch.testing.assert_close(total, torch.ones(2, heads, 7))
         assert torch.all(out.self_attention[0].triu(diagonal=1) == 0)
 
 
@@ -171,7 +172,7 @@ def test_sincos_position_embedding_is_fixed_and_distinct() -> None:
         ({"image_size": (16, 22)}, "model.encoder.patch_size"),
         ({"encoder_dim": 30}, "model.encoder.heads"),
         ({"decoder_heads": 5}, "model.decoder.heads"),
-        ({"pos_embed": "rope"}, "model.encoder.pos_embed"),
+        ({"pos_embed": "spiral"}, "model.encoder.pos_embed"),
         ({"encoder_depth": 0}, "model.encoder.depth"),
         ({"pos_embed": "sincos", "encoder_dim": 34, "encoder_heads": 2}, "divisible by 4"),
     ],
@@ -191,6 +192,29 @@ def test_config_round_trips_as_plain_types() -> None:
     state = config.to_dict()
     assert state["encoder"]["image_size"] == [16, 24]
     assert CaptionerConfig.from_dict(state) == config
+
+
+def test_labels_name_what_differs_from_multi_head_attention() -> None:
+    assert tiny_config(decoder_heads=4).label == "cross"
+    mqa = {"decoder.kv_heads": 1, "decoder.pos_embed": "rope"}
+    assert tiny_config("prefix", decoder_heads=4, **mqa).label == "prefix, MQA, RoPE"
+    both = {**mqa, "decoder.kv_heads": 2, "encoder.kv_heads": 1, "encoder.pos_embed": "rope"}
+    label = tiny_config(decoder_heads=4, **both).label
+    assert label == "cross, GQA 2, RoPE | encoder: MQA, 2-D RoPE"
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"decoder.kv_heads": 3}, "model.decoder.kv_heads=3 does not divide"),
+        ({"encoder.kv_heads": 0}, "model.encoder.kv_heads must be a positive"),
+        ({"decoder.pos_embed": "sincos"}, "model.decoder.pos_embed must be"),
+        ({"encoder.pos_embed": "rope", "encoder_dim": 24}, "divisible by 4"),
+    ],
+)
+def test_attention_variant_errors_name_the_key(changes: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        tiny_config(decoder_heads=4, **changes)
 
 
 def test_wrong_image_size_is_a_clear_error(tiny_model: CaptionerModel) -> None:

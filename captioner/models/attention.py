@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from captioner.models.cache import LayerCache
+from captioner.models.rotary import Rotation, rotate
 
 
 def attention_mask(
@@ -49,37 +50,65 @@ class Attention(nn.Module):
     keys and values already projected (`kv`), as decoding does at every step. A self-attention
     cache that holds `prefix_kv` (the prefix decoder's) puts those keys before its own: the
     image positions, computed once per image and read by every beam of it without copies.
+
+    Grouped-query attention: keys and values have `kv_heads` heads (`num_heads` by default;
+    1 is multi-query), each read by `num_heads / kv_heads` query heads. The query heads of a
+    group are folded into the query axis, as the beams of one image are, so both paths read
+    the keys and values as they are stored, never repeated per query head.
     """
 
     def __init__(
-        self, dim: int, num_heads: int, kv_dim: int | None = None, dropout: float = 0.0
+        self,
+        dim: int,
+        num_heads: int,
+        kv_dim: int | None = None,
+        dropout: float = 0.0,
+        kv_heads: int | None = None,
     ) -> None:
         super().__init__()
         self.num_heads = num_heads
+        self.kv_heads = num_heads if kv_heads is None else kv_heads
+        if num_heads % self.kv_heads:
+            raise ValueError(f"{num_heads} query heads do not split into {self.kv_heads} groups")
         self.head_dim = dim // num_heads
+        kv_width = self.kv_heads * self.head_dim
         self.is_cross = kv_dim is not None
         if self.is_cross:
             self.q_proj = nn.Linear(dim, dim)
-            self.kv_proj = nn.Linear(kv_dim, 2 * dim)
+            self.kv_proj = nn.Linear(kv_dim, 2 * kv_width)
         else:
-            self.qkv_proj = nn.Linear(dim, 3 * dim)
+            self.qkv_proj = nn.Linear(dim, dim + 2 * kv_width)
         self.out_proj = nn.Linear(dim, dim)
         self.dropout = dropout
 
-    def _heads(self, x: torch.Tensor, parts: int) -> tuple[torch.Tensor, ...]:
-        """(B, T, parts * D) -> `parts` tensors shaped (B, heads, T, d)."""
-        batch, length, _ = x.shape
-        x = x.view(batch, length, parts, self.num_heads, self.head_dim)
-        return x.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, T, d)
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, heads * d) -> (B, heads, T, d)."""
+        return x.unflatten(-1, (-1, self.head_dim)).transpose(1, 2)
+
+    def _kv(self, projected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = projected.chunk(2, dim=-1)
+        return self._heads(k), self._heads(v)
 
     def project_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of `context` (B, S, Dkv), each (B, heads, S, d): cross-attention's
+        """Keys and values of `context` (B, S, Dkv), each (B, kv_heads, S, d): cross-attention's
         of the image tokens, or self-attention's own (the prefix decoder's image positions)."""
         if self.is_cross:
-            k, v = self._heads(self.kv_proj(context), 2)
-            return k, v
-        _, k, v = self._heads(self.qkv_proj(context), 3)
-        return k, v
+            return self._kv(self.kv_proj(context))
+        return self._kv(self.qkv_proj(context)[..., self.num_heads * self.head_dim :])
+
+    def _fold(self, q: torch.Tensor, rows: int) -> torch.Tensor:
+        """Queries (B, heads, T, d) -> (rows, kv_heads, B / rows * groups * T, d): the beams of
+        a key row and the query heads of a key head, side by side on the query axis."""
+        batch, _, length, head_dim = q.shape
+        q = q.reshape(rows, batch // rows, self.kv_heads, -1, length, head_dim)
+        return q.transpose(1, 2).reshape(rows, self.kv_heads, -1, head_dim)
+
+    def _unfold(self, x: torch.Tensor, batch: int, length: int) -> torch.Tensor:
+        """The inverse of `_fold` for outputs or weights: (rows, kv_heads, ..., X) ->
+        (B, heads, T, X), one row per query head."""
+        rows, last = x.shape[0], x.shape[-1]
+        x = x.reshape(rows, self.kv_heads, batch // rows, -1, last).transpose(1, 2)
+        return x.reshape(batch, self.num_heads, length, last)
 
     def forward(
         self,
@@ -92,74 +121,76 @@ class Attention(nn.Module):
         need_weights: bool = False,
         kv: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache: LayerCache | None = None,
+        rope: Rotation | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Attend from `x` (B, T, D) to `context` (B, S, Dkv), or to `x` when it is None.
 
         `key_padding_mask` (B, S) is True at keys to ignore; `mask` (T, S) is True where a
         query may attend a key (the prefix decoder's prefix-LM mask). Cross-attention: `kv`,
-        if given, replaces the projection of `context` with keys and values (Bkv, heads, S, d),
-        where B is a multiple of Bkv, so the B / Bkv beams of one image read its keys without
-        copies.
-        Self-attention: with a `cache`, `x` holds only the newest positions, whose keys and
-        values join the cached ones. Causal queries are the last T of the S key positions.
+        if given, replaces the projection of `context` with keys and values
+        (Bkv, kv_heads, S, d), where B is a multiple of Bkv, so the B / Bkv beams of one image
+        read its keys without copies.
+        Self-attention: `rope` (cos, sin), each (T, d), rotates the queries and keys of `x`'s
+        positions. With a `cache`, `x` holds only the newest positions, whose keys and values
+        join the cached ones. Causal queries are the last T of the S key positions.
         Returns the output (B, T, D) and, with `need_weights`, the weights (B, heads, T, S).
         """
         batch, num_queries, dim = x.shape
         if self.is_cross:
-            (q,) = self._heads(self.q_proj(x), 1)
+            q = self._heads(self.q_proj(x))
             if kv is None and context is None:
                 raise ValueError("cross-attention needs a context or its projected kv")
             k, v = kv if kv is not None else self.project_kv(context)
         else:
             if context is not None:
                 raise ValueError("self-attention takes no context: give kv_dim for cross")
-            q, k, v = self._heads(self.qkv_proj(x), 3)
+            projected = self.qkv_proj(x)
+            q = self._heads(projected[..., :dim])
+            k, v = self._kv(projected[..., dim:])
+            if rope is not None:
+                q, k = rotate(q, rope), rotate(k, rope)
             if cache is not None:
-                k, v = cache.append(k, v)  # (B, heads, S, d): every position so far
+                k, v = cache.append(k, v)  # (B, kv_heads, S, d): every position so far
                 if cache.prefix_kv is not None:  # image positions first, shared by beams
                     out, weights = self._after_prefix(q, (k, v), cache.prefix_kv, need_weights)
                     out = out.transpose(1, 2).reshape(batch, num_queries, dim)  # (B, T, D)
                     return self.out_proj(out), weights
-        num_keys = k.shape[2]
-        groups = batch // k.shape[0]
-        if groups > 1:  # several query rows per key row: fold them into the query axis
-            if causal:
-                raise ValueError("shared keys/values are for cross-attention, not causal")
-            q = q.reshape(k.shape[0], groups, self.num_heads, num_queries, self.head_dim)
-            q = q.transpose(1, 2).flatten(2, 3)  # (Bkv, heads, groups * T, d)
+        rows, num_keys = k.shape[0], k.shape[2]
+        if causal and rows != batch:
+            raise ValueError("shared keys/values are for cross-attention, not causal")
+        folds = batch // rows * self.num_heads // self.kv_heads  # query rows per key row
         # The only query of a causal step is the newest position, which sees every key.
         causal = causal and num_queries > 1
         dropout = self.dropout if self.training else 0.0
 
-        # Without padding, a full causal or unmasked pass takes SDPA's built-in fast path.
+        # Without padding or folding, a full causal or unmasked pass takes SDPA's fast path.
         fast = (
             not need_weights
             and key_padding_mask is None
             and mask is None
-            and (not causal or num_queries == num_keys)
+            and (not causal or (num_queries == num_keys and folds == 1))
         )
         if not fast:
             mask = attention_mask(
                 num_queries, num_keys, causal=causal, key_padding_mask=key_padding_mask,
                 device=x.device, mask=mask,
             )  # fmt: skip
+            if mask is not None and mask.shape[-2] > 1 and folds > 1:  # one copy per fold
+                mask = mask.repeat(*([1] * (mask.ndim - 2)), folds, 1)
+        q = self._fold(q, rows)  # (Bkv, kv_heads, folds * T, d)
         weights = None
         if need_weights:
-            scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, heads, T, S)
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)
             if mask is not None:
                 scores = scores.masked_fill(~mask, float("-inf"))
-            weights = scores.softmax(dim=-1)
-            out = F.dropout(weights, dropout, self.training) @ v  # (B, heads, T, d)
+            weights = scores.softmax(dim=-1)  # (Bkv, kv_heads, folds * T, S)
+            out = F.dropout(weights, dropout, self.training) @ v
+            weights = self._unfold(weights, batch, num_queries)  # (B, heads, T, S)
         else:
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal and fast
-            )  # (B, heads, T, d)
-        if groups > 1:  # unfold the beams back into the batch
-            out = out.unflatten(2, (groups, num_queries)).transpose(1, 2)  # (Bkv, G, h, T, d)
-            out = out.reshape(batch, self.num_heads, num_queries, self.head_dim)
-            if weights is not None:
-                weights = weights.unflatten(2, (groups, num_queries)).transpose(1, 2)
-                weights = weights.reshape(batch, self.num_heads, num_queries, num_keys)
+            )
+        out = self._unfold(out, batch, num_queries)  # (B, heads, T, d)
         out = out.transpose(1, 2).reshape(batch, num_queries, dim)  # (B, T, D)
         return self.out_proj(out), weights
 
@@ -171,29 +202,24 @@ class Attention(nn.Module):
         need_weights: bool,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Decoding queries (B, heads, T, d), the newest of the word positions, over the image
-        positions' keys/values `prefix` (Bimg, heads, N, d), shared by the B / Bimg beams of
-        an image, then the words' own `own` (B, heads, t, d), causally: one softmax over both,
-        without copying the image's keys per beam. Returns (B, heads, T, d) and, with
+        positions' keys/values `prefix` (Bimg, kv_heads, N, d), shared by the B / Bimg beams of
+        an image, then the words' own `own` (B, kv_heads, t, d), causally: one softmax over
+        both, without copying the image's keys per beam. Returns (B, heads, T, d) and, with
         `need_weights`, (B, heads, T, N + t)."""
         (k, v), (k_img, v_img) = own, prefix
-        batch, heads, num_queries, head_dim = q.shape
+        batch, _, num_queries, head_dim = q.shape
         images, num_image = k_img.shape[0], k_img.shape[2]
-        groups = batch // images
         scale = 1.0 / math.sqrt(head_dim)
-        folded = q.reshape(images, groups, heads, num_queries, head_dim).transpose(1, 2)
-        folded = folded.flatten(2, 3)  # (Bimg, heads, G * T, d)
-        image_scores = (folded @ k_img.transpose(-2, -1)) * scale  # (Bimg, heads, G * T, N)
-        image_scores = image_scores.unflatten(2, (groups, num_queries)).transpose(1, 2)
-        image_scores = image_scores.reshape(batch, heads, num_queries, num_image)
-        word_scores = (q @ k.transpose(-2, -1)) * scale  # (B, heads, T, t)
+        image_scores = (self._fold(q, images) @ k_img.transpose(-2, -1)) * scale
+        image_scores = self._unfold(image_scores, batch, num_queries)  # (B, heads, T, N)
+        word_scores = self._fold(q, batch) @ k.transpose(-2, -1) * scale
+        word_scores = self._unfold(word_scores, batch, num_queries)  # (B, heads, T, t)
         if num_queries > 1:  # query i is word position t - T + i: no later word
             causal = attention_mask(num_queries, k.shape[2], causal=True, key_padding_mask=None,
                                     device=q.device)  # fmt: skip
             word_scores = word_scores.masked_fill(~causal, float("-inf"))
         weights = torch.cat([image_scores, word_scores], dim=-1).softmax(dim=-1)
         to_image, to_words = weights.split([num_image, k.shape[2]], dim=-1)
-        to_image = to_image.reshape(images, groups, heads, num_queries, num_image)
-        to_image = to_image.transpose(1, 2).flatten(2, 3)  # (Bimg, heads, G * T, N)
-        from_image = (to_image @ v_img).unflatten(2, (groups, num_queries)).transpose(1, 2)
-        out = from_image.reshape(batch, heads, num_queries, head_dim) + to_words @ v
-        return out, weights if need_weights else None
+        from_image = self._unfold(self._fold(to_image, images) @ v_img, batch, num_queries)
+        from_words = self._unfold(self._fold(to_words, batch) @ v, batch, num_queries)
+        return from_image + from_words, weights if need_weights else None

@@ -10,6 +10,7 @@ from torch import nn
 
 from captioner.models.attention import Attention
 from captioner.models.cache import DecoderCache, LayerCache
+from captioner.models.rotary import Rotation
 
 
 class Reading(NamedTuple):
@@ -38,10 +39,12 @@ class Block(nn.Module):
     boolean `mask` (True where a query may attend a key) or a decoding `cache` it is the
     prefix decoder's."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float, dropout: float) -> None:
+    def __init__(
+        self, dim: int, heads: int, mlp_ratio: float, dropout: float, kv_heads: int | None = None
+    ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, heads, dropout=dropout)
+        self.attn = Attention(dim, heads, dropout=dropout, kv_heads=kv_heads)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = MLP(dim, int(dim * mlp_ratio), dropout)
 
@@ -52,12 +55,14 @@ class Block(nn.Module):
         *,
         mask: torch.Tensor | None = None,
         cache: LayerCache | None = None,
+        rope: Rotation | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """With a `cache`, `x` holds the newest word positions only: they attend the cached
-        image positions (shared by an image's beams), the cached words and themselves."""
+        image positions (shared by an image's beams), the cached words and themselves.
+        `rope` rotates the queries and keys of `x`'s positions."""
         attn_out, weights = self.attn(
             self.norm1(x), need_weights=need_weights, mask=mask, cache=cache,
-            causal=cache is not None,
+            causal=cache is not None, rope=rope,
         )  # fmt: skip
         x = x + attn_out
         x = x + self.mlp(self.norm2(x))
@@ -78,23 +83,31 @@ class DecoderBlock(nn.Module):
         dropout: float,
         reads_image: bool = True,
         gated: bool = False,
+        kv_heads: int | None = None,
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.self_attn = Attention(dim, heads, dropout=dropout)
+        self.self_attn = Attention(dim, heads, dropout=dropout, kv_heads=kv_heads)
         self.reads_image = reads_image
         if reads_image:
             self.norm2 = nn.LayerNorm(dim)
-            self.cross_attn = Attention(dim, heads, kv_dim=context_dim, dropout=dropout)
+            self.cross_attn = Attention(
+                dim, heads, kv_dim=context_dim, dropout=dropout, kv_heads=kv_heads
+            )
             self.cross_gate = nn.Parameter(torch.zeros(())) if gated else None
         self.norm3 = nn.LayerNorm(dim)
         self.mlp = MLP(dim, int(dim * mlp_ratio), dropout)
 
     def forward(
-        self, x: torch.Tensor, reading: Reading, cache: LayerCache | None = None
+        self,
+        x: torch.Tensor,
+        reading: Reading,
+        cache: LayerCache | None = None,
+        rope: Rotation | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Returns the new stream and, with `need_weights`, self- and cross-attention weights
-        (None for the latter in a block that does not read the image).
+        (None for the latter in a block that does not read the image). `rope` rotates the
+        self-attention's queries and keys by word position; the image is read without it.
 
         With a `cache` (this block's layer of `reading.cache`), `x` holds only the new
         positions: their keys and values are appended to it, and the image's keys and values
@@ -102,7 +115,7 @@ class DecoderBlock(nn.Module):
         """
         attn_out, self_weights = self.self_attn(
             self.norm1(x), causal=True, key_padding_mask=reading.token_padding_mask,
-            need_weights=reading.need_weights, cache=cache,
+            need_weights=reading.need_weights, cache=cache, rope=rope,
         )  # fmt: skip
         x = x + attn_out
         cross_weights = None

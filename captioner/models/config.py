@@ -27,11 +27,18 @@ class EncoderConfig:
     image_size: tuple[int, int] = (64, 64)  # (height, width) of the input image in pixels
     patch_size: int = 8  # side of a square patch; the image must tile exactly
     in_channels: int = 3  # colour channels of the input image
-    pos_embed: str = "learned"  # position embedding: "learned" or "sincos" (fixed 2-D)
+    pos_embed: str = "learned"  # positions: "learned", "sincos" (fixed 2-D) or "rope" (2-D axial)
     dim: int = 192  # width of the tokens
     depth: int = 12  # number of blocks (self-attention -> MLP)
     heads: int = 3  # attention heads per block
     mlp_ratio: float = 4.0  # hidden width of each MLP relative to `dim`
+    kv_heads: int | None = None  # key/value heads (None: `heads`; 1: multi-query)
+
+    @property
+    def label(self) -> str:
+        """What differs from multi-head attention with added positions, for tables."""
+        rope = ["2-D RoPE"] if self.pos_embed == "rope" else []
+        return ", ".join(_grouping(self.heads, self.kv_heads) + rope)
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -56,14 +63,18 @@ class DecoderConfig:
     heads: int = 3  # attention heads per attention layer
     mlp_ratio: float = 4.0  # hidden width of each MLP relative to `dim`
     cross_every: int = 1  # cross only: every k-th block reads the image (k > 1: gated)
+    kv_heads: int | None = None  # key/value heads of every attention (None: `heads`; 1: MQA)
+    pos_embed: str = "learned"  # word positions: "learned" (added) or "rope" (rotary)
 
     @property
     def label(self) -> str:
-        """How the words read the image, for tables: `cross`, `cross, every 2 (gated)`,
-        `prefix`."""
+        """How the words read the image and attend, for tables: `cross`,
+        `cross, every 2 (gated)`, `prefix, MQA, RoPE`."""
+        fusion = self.kind
         if self.cross_every > 1:
-            return f"{self.kind}, every {self.cross_every} (gated)"
-        return self.kind
+            fusion = f"{self.kind}, every {self.cross_every} (gated)"
+        rope = ["RoPE"] if self.pos_embed == "rope" else []
+        return ", ".join([fusion, *_grouping(self.heads, self.kv_heads), *rope])
 
 
 @dataclass
@@ -82,6 +93,12 @@ class CaptionerConfig:
     @property
     def image_size(self) -> tuple[int, int]:
         return self.encoder.image_size
+
+    @property
+    def label(self) -> str:
+        """The decoder's label, then the encoder's where it is not plain multi-head."""
+        encoder = self.encoder.label
+        return f"{self.decoder.label} | encoder: {encoder}" if encoder else self.decoder.label
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -157,6 +174,12 @@ def _from_first_format(values: dict[str, Any]) -> dict[str, Any]:
     return converted
 
 
+def _grouping(heads: int, kv_heads: int | None) -> list[str]:
+    if kv_heads is None or kv_heads == heads:
+        return []
+    return ["MQA" if kv_heads == 1 else f"GQA {kv_heads}"]
+
+
 def _positive(obj: Any, names: tuple[str, ...], prefix: str) -> None:
     for name in names:
         value = getattr(obj, name)
@@ -175,6 +198,22 @@ def _check_width(obj: Any, prefix: str) -> None:
     if not is_finite(obj.mlp_ratio) or obj.mlp_ratio <= 0:
         raise ConfigError(
             f"{prefix}.mlp_ratio must be a positive number, got {short(obj.mlp_ratio)}."
+        )
+    if obj.kv_heads is not None:
+        _positive(obj, ("kv_heads",), prefix)
+        if obj.heads % obj.kv_heads:
+            raise ConfigError(
+                f"{prefix}.kv_heads={obj.kv_heads} does not divide {prefix}.heads={obj.heads}: "
+                "each key/value head serves an equal group of query heads (null: one each)."
+            )
+
+
+def _check_rope(obj: Any, prefix: str, axes: int) -> None:
+    """Rotary positions turn channel pairs, `axes` groups of them per head."""
+    if (obj.dim // obj.heads) % (2 * axes):
+        raise ConfigError(
+            f"{prefix}.pos_embed=rope needs a head width ({prefix}.dim / {prefix}.heads = "
+            f"{obj.dim // obj.heads}) divisible by {2 * axes}."
         )
 
 
@@ -202,10 +241,13 @@ def _check_encoder(config: EncoderConfig) -> None:
                 f"{config.patch_size}: choose a patch size that divides data.image_size="
                 f"{list(config.image_size)}."
             )
-    if config.pos_embed not in ("learned", "sincos"):
+    if config.pos_embed not in ("learned", "sincos", "rope"):
         raise ConfigError(
-            f"model.encoder.pos_embed must be 'learned' or 'sincos', got {short(config.pos_embed)}."
+            "model.encoder.pos_embed must be 'learned', 'sincos' or 'rope', got "
+            f"{short(config.pos_embed)}."
         )
+    if config.pos_embed == "rope":
+        _check_rope(config, "model.encoder", axes=2)
     if config.pos_embed == "sincos" and config.dim % 4:
         raise ConfigError(
             f"model.encoder.pos_embed=sincos needs model.encoder.dim divisible by 4, got "
@@ -220,6 +262,12 @@ def _check_decoder(config: DecoderConfig) -> None:
         )
     _check_width(config, "model.decoder")
     _positive(config, ("cross_every",), "model.decoder")
+    if config.pos_embed not in ("learned", "rope"):
+        raise ConfigError(
+            f"model.decoder.pos_embed must be 'learned' or 'rope', got {short(config.pos_embed)}."
+        )
+    if config.pos_embed == "rope":
+        _check_rope(config, "model.decoder", axes=1)
     if config.kind == "prefix" and config.cross_every != 1:
         raise ConfigError(
             "model.decoder.cross_every is for model/decoder=cross; the prefix decoder reads "

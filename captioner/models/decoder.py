@@ -16,7 +16,14 @@ a KV cache, and per-layer attention split into the words' attention over the ima
   costs (n + m)^2, and the decoder's MLPs run over the image positions too. The image
   positions keep the encoder's 2-D position information and get no word position; the words
   take positions 0, 1, ... as in the cross decoder, so a caption's positions do not depend on
-  how many patches the encoder makes.
+  how many patches the encoder makes. With rotary word positions (`pos_embed: rope`) the
+  image positions are not rotated, for the same reason: the image tokens are a 2-D layout
+  the encoder has already encoded, not a 1-D sequence before the first word, and a word's
+  score against an image key depends on the word's position alone, as with learned ones.
+
+Word positions are learned embeddings added to the words, or rotary (`pos_embed: rope`):
+the self-attention's queries and keys turn by the word's index, applied before the keys are
+cached, so a word decoded step by step gets the rotation it gets in one pass.
 """
 
 from __future__ import annotations
@@ -24,11 +31,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from captioner.models.blocks import Block, DecoderBlock, Reading
 from captioner.models.cache import DecoderCache, LayerCache
 from captioner.models.config import CaptionerConfig
+from captioner.models.rotary import Rotation, rotation
 
 
 @dataclass
@@ -68,7 +77,14 @@ class CaptionDecoder(nn.Module):
         self.max_len = config.max_len
         self.heads = config.decoder.heads
         self.token_embed = nn.Embedding(config.vocab_size, dim)
-        self.pos_embed = nn.Parameter(torch.zeros(1, config.max_len, dim))
+        rope = None
+        if config.decoder.pos_embed == "rope":
+            self.pos_embed = None
+            positions = torch.arange(config.max_len)[:, None]  # (max_len, 1)
+            rope = torch.stack(rotation(positions, dim // self.heads))  # (2, max_len, d)
+        else:
+            self.pos_embed = nn.Parameter(torch.zeros(1, config.max_len, dim))
+        self.register_buffer("rope", rope, persistent=False)  # cos, sin of word positions
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, config.vocab_size, bias=False)
         self.head.weight = self.token_embed.weight  # tied: one matrix for words in and out
@@ -87,18 +103,23 @@ class CaptionDecoder(nn.Module):
         follow the `cache.length` positions already decoded, and the image tokens are not
         needed. The cache rows may be beams: B is then a multiple of the number of images.
         """
-        cache = reading.cache
-        words = self.embed(tokens, 0 if cache is None else cache.length)  # (B, T, D)
-        hidden, self_weights, image_weights = self._read(words, reading)
+        start = 0 if reading.cache is None else reading.cache.length
+        words = self.embed(tokens, start)  # (B, T, D)
+        rope = None
+        if self.rope is not None:
+            cos, sin = self.rope[:, start : start + words.shape[1]]
+            rope = (cos, sin)
+        hidden, self_weights, image_weights = self._read(words, reading, rope)
         if not reading.need_weights:
             return DecoderStates(hidden)
         return DecoderStates(hidden, self_weights, image_weights)
 
     def _read(
-        self, words: torch.Tensor, reading: Reading
+        self, words: torch.Tensor, reading: Reading, rope: Rotation | None
     ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
         """The words' embeddings (B, T, D) through the blocks -> their normed states and, per
-        layer, their attention over the words and over the image (when `need_weights`)."""
+        layer, their attention over the words and over the image (when `need_weights`).
+        `rope`: the rotation of the words' positions (T, d), or None for learned ones."""
         raise NotImplementedError
 
     def _cache_len(self, max_len: int | None) -> int:
@@ -142,13 +163,15 @@ class CaptionDecoder(nn.Module):
         return DecoderOutput(logits, states.self_attention, states.image_attention)
 
     def embed(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
-        """Word + position embeddings of `tokens` (B, T) at positions start.. -> (B, T, D)."""
+        """Word (+ learned position) embeddings of `tokens` (B, T) at positions start.. ->
+        (B, T, D)."""
         end = start + tokens.shape[1]
         if end > self.max_len:
             raise ValueError(
                 f"token sequence of length {end} exceeds model.max_len={self.max_len}."
             )
-        return self.token_embed(tokens) + self.pos_embed[:, start:end]
+        words = self.token_embed(tokens)
+        return words if self.pos_embed is None else words + self.pos_embed[:, start:end]
 
 
 class CrossAttentionDecoder(CaptionDecoder):
@@ -161,7 +184,7 @@ class CrossAttentionDecoder(CaptionDecoder):
             DecoderBlock(
                 config.decoder.dim, config.decoder.heads, config.encoder.dim,
                 config.decoder.mlp_ratio, config.dropout, reads_image=i % every == 0,
-                gated=every > 1,
+                gated=every > 1, kv_heads=config.decoder.kv_heads,
             )
             for i in range(config.decoder.depth)
         )  # fmt: skip
@@ -188,12 +211,12 @@ class CrossAttentionDecoder(CaptionDecoder):
         ])  # fmt: skip
 
     def _read(
-        self, words: torch.Tensor, reading: Reading
+        self, words: torch.Tensor, reading: Reading, rope: Rotation | None
     ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
         x, self_weights, image_weights = words, [], []
         for i, block in enumerate(self.blocks):
             layer = None if reading.cache is None else reading.cache.layers[i]
-            x, sw, cw = block(x, reading, layer)
+            x, sw, cw = block(x, reading, layer, rope)
             self_weights.append(sw)
             if block.reads_image:
                 image_weights.append(cw)
@@ -209,9 +232,12 @@ class PrefixDecoder(CaptionDecoder):
         dim = config.decoder.dim
         self.image_proj = nn.Linear(config.encoder.dim, dim)
         self.blocks = nn.ModuleList(
-            Block(dim, config.decoder.heads, config.decoder.mlp_ratio, config.dropout)
+            Block(
+                dim, config.decoder.heads, config.decoder.mlp_ratio, config.dropout,
+                config.decoder.kv_heads,
+            )
             for _ in range(config.decoder.depth)
-        )
+        )  # fmt: skip
 
     @property
     def image_layers(self) -> int:
@@ -250,7 +276,7 @@ class PrefixDecoder(CaptionDecoder):
         return DecoderCache(layers)
 
     def _read(
-        self, words: torch.Tensor, reading: Reading
+        self, words: torch.Tensor, reading: Reading, rope: Rotation | None
     ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
         cache, memory = reading.cache, reading.memory
         if cache is not None:  # the words' new positions only; the image is in the cache
@@ -264,11 +290,14 @@ class PrefixDecoder(CaptionDecoder):
                 self.prefix_mask(images, words.shape[1], words.device),
                 _prefix_padding(reading, memory, words),
             )
+            if rope is not None:  # the image positions unrotated: cos 1, sin 0
+                cos, sin = rope
+                rope = (F.pad(cos, (0, 0, images, 0), value=1.0), F.pad(sin, (0, 0, images, 0)))
         self_weights, image_weights = [], []
         for i, block in enumerate(self.blocks):
             x, weights = block(
                 x, reading.need_weights, mask=mask,
-                cache=None if cache is None else cache.layers[i],
+                cache=None if cache is None else cache.layers[i], rope=rope,
             )  # fmt: skip
             if weights is not None:  # the word rows: over the image, over the words
                 word_rows = weights[:, :, images:]  # (B, heads, m, n + m)

@@ -12,6 +12,7 @@ from torch import nn
 
 from captioner.models.blocks import Block
 from captioner.models.config import EncoderConfig
+from captioner.models.rotary import Rotation, rotation
 
 
 def sincos_2d(grid_size: tuple[int, int], dim: int) -> torch.Tensor:
@@ -71,8 +72,10 @@ class ImageEncoder(nn.Module):
 
 
 class VisionEncoder(ImageEncoder):
-    """The ViT encoder (`model/encoder=vit`): learned or fixed 2-D sin-cos positions, no
-    prefix token (every output token is a patch)."""
+    """The ViT encoder (`model/encoder=vit`): learned or fixed 2-D sin-cos positions added to
+    the patches, or 2-D axial rotary positions in every attention (`rope`: half of each
+    head's channels turn with the patch's row, half with its column); no prefix token (every
+    output token is a patch)."""
 
     num_prefix_tokens = 0
 
@@ -84,14 +87,24 @@ class VisionEncoder(ImageEncoder):
         self.dim = dim = config.dim
         self.patch_embed = PatchEmbed(config.patch_size, config.in_channels, dim)
         num_patches = self.grid_size[0] * self.grid_size[1]
+        rope = None
         if config.pos_embed == "learned":
             self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, dim))
-        else:
+        elif config.pos_embed == "sincos":
             self.register_buffer(
                 "pos_embed", sincos_2d(self.grid_size, dim)[None], persistent=False
             )
+        else:  # rope: (row, column) of each patch, row-major, instead of an added embedding
+            self.pos_embed = None
+            rows, cols = torch.meshgrid(
+                torch.arange(self.grid_size[0]), torch.arange(self.grid_size[1]), indexing="ij"
+            )
+            coords = torch.stack([rows.flatten(), cols.flatten()], dim=1)  # (N, 2)
+            rope = torch.stack(rotation(coords, dim // config.heads))  # (2, N, head_dim)
+        self.register_buffer("rope", rope, persistent=False)  # cos, sin
         self.blocks = nn.ModuleList(
-            Block(dim, config.heads, config.mlp_ratio, dropout) for _ in range(config.depth)
+            Block(dim, config.heads, config.mlp_ratio, dropout, config.kv_heads)
+            for _ in range(config.depth)
         )
         self.norm = nn.LayerNorm(dim)
 
@@ -104,10 +117,16 @@ class VisionEncoder(ImageEncoder):
                 f"expected images shaped (B, C, {self.image_size[0]}, {self.image_size[1]}), "
                 f"got {tuple(images.shape)}: resize them to data.image_size."
             )
-        x = self.patch_embed(images) + self.pos_embed  # (B, N, D)
+        x = self.patch_embed(images)  # (B, N, D)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed
+        rope: Rotation | None = None
+        if self.rope is not None:
+            cos, sin = self.rope
+            rope = (cos, sin)
         weights = []
         for block in self.blocks:
-            x, w = block(x, need_weights)
+            x, w = block(x, need_weights, rope=rope)
             weights.append(w)
         return self.norm(x), (weights if need_weights else None)
 

@@ -29,7 +29,6 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 from captioner.baseline import hf_captioner, hf_generate, hf_loss
 from captioner.checkpoint import CheckpointContents
 from captioner.data import TableDataModule, Tokenizer
-from captioner.data.shapes import parse_caption
 from captioner.generation import DecodingOptions, generate
 from captioner.inference import DTYPES
 from captioner.lit_module import teacher_forced_loss
@@ -545,7 +544,7 @@ class PrecisionCheck:
     captions_per_s: dict[int, tuple[float, float]]  # batch -> (fp32, low), medians
     logprob_gap: float  # median, over the captions that differ, of how much likelier (nats)
     # the float32 model finds its own caption than the other: near 0 means near-ties
-    same_scene: float | None  # shapes: fraction whose captions state the same scene
+    scene_acc: tuple[float, float] | None  # shapes: captions true of their scene, (fp32, low)
 
 
 def precision_check(
@@ -566,12 +565,14 @@ def precision_check(
     ids = (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
     datamodule = contents.datamodule()
     datamodule.setup("test")
-    batches = []
+    batches, scenes = [], []
     for batch in datamodule.test_dataloader()[0]:
         batches.append(batch["images"])
+        scenes += list(batch.get("scenes") or [])
         if limit is not None and sum(map(len, batches)) >= limit:
             break
     images = torch.cat(batches)[:limit]
+    scenes = scenes[: len(images)]
     rows = []
     for strategy, beams in SEARCHES.items():
         caption = partial(_caption_all, ids=ids, beams=beams)
@@ -584,14 +585,15 @@ def precision_check(
             gap = _logprob(fp32, picked, exact[differ], ids) - _logprob(
                 fp32, picked, fast[differ], ids
             )
-        scenes = [
-            (
-                parse_caption(tokenizer.decode(a.tolist())),
-                parse_caption(tokenizer.decode(b.tolist())),
+        scene_acc = None
+        if scenes:  # the ground truth is known: is each caption true of its scene?
+            scene_acc = tuple(
+                statistics.fmean(
+                    scene.caption_is_correct(tokenizer.decode(row.tolist()))
+                    for scene, row in zip(scenes, tokens, strict=True)
+                )
+                for tokens in (exact, fast)
             )
-            for a, b in zip(exact, fast, strict=True)
-        ]
-        parsed = [a == b for a, b in scenes if a is not None]
         speed = {}
         for batch in batch_sizes:
             chunks = images[:timed_images].split(batch)
@@ -604,8 +606,7 @@ def precision_check(
         name = next(k for k, v in DTYPES.items() if v == dtype)
         rows.append(PrecisionCheck(
             name, strategy, len(images), same.float().mean().item(), speed,
-            gap.median().item(),
-            sum(parsed) / len(parsed) if parsed else None,
+            gap.median().item(), scene_acc,
         ))  # fmt: skip
     return rows
 

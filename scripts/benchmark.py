@@ -142,7 +142,10 @@ def main() -> None:
         "--variant", type=named_overrides, action="append", metavar="NAME=OVERRIDES",
         help='variants: "NAME=KEY=VALUE KEY=VALUE", repeated (default: attention variants)',
     )  # fmt: skip
-    parser.add_argument("--lengths", type=int, nargs="+", default=[16, 64], help="variants")
+    parser.add_argument(
+        "--lengths", type=int, nargs="+", default=None,
+        help="decoding and variants: caption lengths (default 16 32 64 and 16 64)",
+    )  # fmt: skip
     parser.add_argument("--device", default="cpu", help="cpu or cuda (training in bf16 there)")
     parser.add_argument("--ckpt", help="precision: a trained checkpoint (.ckpt or export)")
     parser.add_argument("--low-dtype", choices=["bf16", "fp16"], default="bf16", help="precision")
@@ -194,8 +197,8 @@ def main() -> None:
         )
     if "decoding" in args.only:
         decoding = decoding_benchmark(
-            config, batch_sizes=batches, repeats=repeats, device=device,
-            dtypes=tuple(args.decode_dtypes),
+            config, batch_sizes=batches, lengths=tuple(args.lengths or (16, 32, 64)),
+            repeats=repeats, device=device, dtypes=tuple(args.decode_dtypes),
         )  # fmt: skip
     if "data" in args.only:
         loading = data_benchmark(
@@ -210,7 +213,8 @@ def main() -> None:
     if variants:
         costs = variant_costs(
             variants, batch_size=args.train_batch, batch_sizes=batches,
-            lengths=tuple(args.lengths), dtype=args.dtypes[-1], repeats=repeats, device=device,
+            lengths=tuple(args.lengths or (16, 64)), dtype=args.dtypes[-1], repeats=repeats,
+            device=device,
         )  # fmt: skip
     setting = {
         "model": args.model, "image_size": args.image_size, "vocab_size": args.vocab_size,
@@ -388,16 +392,24 @@ def print_variants(console: Console, rows: list[VariantCost]) -> None:
 
 
 def print_precision(console: Console, rows: list[PrecisionCheck]) -> None:
-    table = Table(title=f"fp32 weights against {rows[0].dtype} (medians, captions/s)")
-    for column in ("search", "test images", "identical", "batch", "fp32", rows[0].dtype, "ratio"):
+    low = rows[0].dtype
+    table = Table(title=f"fp32 weights against {low} (medians, captions/s)")
+    columns = ("search", "test images", "identical", "log-p gap", "scene_acc", "batch", "fp32", low,
+               "ratio")  # fmt: skip
+    for column in columns:
         table.add_column(column, justify="left" if column == "search" else "right")
     for r in rows:
+        accuracy = "" if r.scene_acc is None else " / ".join(f"{a:.3f}" for a in r.scene_acc)
         for batch, (exact, fast) in r.captions_per_s.items():
             table.add_row(
-                r.strategy, str(r.images), f"{r.identical:.1%}", str(batch),
-                f"{exact:.1f}", f"{fast:.1f}", _ratio(fast, exact),
+                r.strategy, str(r.images), f"{r.identical:.1%}", f"{r.logprob_gap:.3f}",
+                accuracy, str(batch), f"{exact:.1f}", f"{fast:.1f}", _ratio(fast, exact),
             )  # fmt: skip
     console.print(table)
+    console.print(
+        "log-p gap: median, over the captions that differ, of log p(fp32's caption) - "
+        f"log p({low}'s caption) under the fp32 model; scene_acc: fp32 / {low}"
+    )
 
 
 if __name__ == "__main__":

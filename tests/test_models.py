@@ -200,7 +200,7 @@ def test_labels_name_what_differs_from_multi_head_attention() -> None:
     assert tiny_config("prefix", decoder_heads=4, **mqa).label == "prefix, MQA, RoPE"
     both = {**mqa, "decoder.kv_heads": 2, "encoder.kv_heads": 1, "encoder.pos_embed": "rope"}
     label = tiny_config(decoder_heads=4, **both).label
-    assert label == "cross, GQA 2, RoPE | encoder: MQA, 2-D RoPE"
+    assert label == "cross, GQA 2, RoPE (encoder: MQA, 2-D RoPE)"  # a Markdown table cell
 
 
 @pytest.mark.parametrize(

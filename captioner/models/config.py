@@ -98,7 +98,7 @@ class CaptionerConfig:
     def label(self) -> str:
         """The decoder's label, then the encoder's where it is not plain multi-head."""
         encoder = self.encoder.label
-        return f"{self.decoder.label} | encoder: {encoder}" if encoder else self.decoder.label
+        return f"{self.decoder.label} (encoder: {encoder})" if encoder else self.decoder.label
 
     @property
     def grid_size(self) -> tuple[int, int]:

@@ -217,11 +217,13 @@ def _check_rope(obj: Any, prefix: str, axes: int) -> None:
         )
 
 
+def _one_of(value: Any, choices: tuple[str, ...], key: str) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {list(choices)}, got {short(value)}.")
+
+
 def _check_encoder(config: EncoderConfig) -> None:
-    if config.kind not in ENCODER_KINDS:
-        raise ConfigError(
-            f"model.encoder.kind must be one of {list(ENCODER_KINDS)}, got {short(config.kind)}."
-        )
+    _one_of(config.kind, ENCODER_KINDS, "model.encoder.kind")
     size = config.image_size
     if is_int(size):
         config.image_size = size = (size, size)
@@ -241,11 +243,7 @@ def _check_encoder(config: EncoderConfig) -> None:
                 f"{config.patch_size}: choose a patch size that divides data.image_size="
                 f"{list(config.image_size)}."
             )
-    if config.pos_embed not in ("learned", "sincos", "rope"):
-        raise ConfigError(
-            "model.encoder.pos_embed must be 'learned', 'sincos' or 'rope', got "
-            f"{short(config.pos_embed)}."
-        )
+    _one_of(config.pos_embed, ("learned", "sincos", "rope"), "model.encoder.pos_embed")
     if config.pos_embed == "rope":
         _check_rope(config, "model.encoder", axes=2)
     if config.pos_embed == "sincos" and config.dim % 4:
@@ -256,16 +254,10 @@ def _check_encoder(config: EncoderConfig) -> None:
 
 
 def _check_decoder(config: DecoderConfig) -> None:
-    if config.kind not in DECODER_KINDS:
-        raise ConfigError(
-            f"model.decoder.kind must be one of {list(DECODER_KINDS)}, got {short(config.kind)}."
-        )
+    _one_of(config.kind, DECODER_KINDS, "model.decoder.kind")
     _check_width(config, "model.decoder")
     _positive(config, ("cross_every",), "model.decoder")
-    if config.pos_embed not in ("learned", "rope"):
-        raise ConfigError(
-            f"model.decoder.pos_embed must be 'learned' or 'rope', got {short(config.pos_embed)}."
-        )
+    _one_of(config.pos_embed, ("learned", "rope"), "model.decoder.pos_embed")
     if config.pos_embed == "rope":
         _check_rope(config, "model.decoder", axes=1)
     if config.kind == "prefix" and config.cross_every != 1:

@@ -167,7 +167,7 @@ def decoding_benchmark(
 
 @torch.no_grad()
 def _encode(model: CaptionerModel, images: torch.Tensor) -> torch.Tensor:
-    return model.encoder(images)[0]
+    return model.encode(images)[0]
 
 
 def cache_summary(rows: list[Measurement]) -> dict[str, float]:
@@ -478,7 +478,7 @@ def cache_bytes(model: CaptionerModel, length: int, batch: int = 1) -> int:
     """What the decoder keeps per image while it decodes captions of `length` tokens."""
     config, weight = model.config, next(model.parameters())
     images = weight.new_zeros(batch, config.encoder.in_channels, *config.image_size)
-    memory, _ = model.encoder(images)
+    memory, _ = model.encode(images)
     cache = model.decoder.init_cache(memory, max_len=length)
     bos = torch.full((batch, 1), BOS, device=weight.device)
     model.decoder(bos, None, cache=cache, last_only=True)
@@ -635,3 +635,49 @@ def _caption_all(
     tokens = [generate(model, chunk.to(dtype), *ids, options).tokens for chunk in chunks]
     width = max(t.shape[1] for t in tokens)
     return torch.cat([F.pad(t, (0, width - t.shape[1]), value=ids[2]) for t in tokens])
+
+
+@dataclass
+class FeatureSpeed:
+    """Training with a frozen encoder: from the images through it, against from its stored
+    outputs (`data.cache_features`), one model, the same COCO-sized JPEGs and steps."""
+
+    live_images_per_s: float  # training steps fed images: the frozen encoder runs every step
+    cached_images_per_s: float  # training steps fed the stored features
+    live_seconds: float  # the whole fit (loading, steps), from images
+    cached_seconds: float  # the whole fit from the store, its build left out
+    store_images_per_s: float  # building the store: a decode and an encoder forward per image
+    store_bytes_per_image: int
+
+    @property
+    def speedup(self) -> float:
+        return self.cached_images_per_s / self.live_images_per_s
+
+
+def feature_cache_speed(
+    overrides: list[str], folder: Path, steps: int = 12, batch_size: int = 32, workers: int = 2
+) -> FeatureSpeed:
+    """Two short trainings through `tasks.train` (`overrides` choose the model; its encoder
+    is frozen): from images, and with `data.cache_features`, building the store first."""
+    from captioner.tasks import compose_config, train  # the whole training stack
+
+    annotations = write_photo_dataset(folder, steps * batch_size)
+    common = [
+        "data=jsonl", f"data.train_file={annotations}", f"data.val_file={annotations}",
+        "data.min_freq=1", f"data.batch_size={batch_size}", f"data.num_workers={workers}",
+        f"data.feature_dir={folder / 'features'}", "model.encoder.freeze=all",
+        f"trainer.max_steps={steps}", "trainer.max_epochs=1", "trainer.limit_val_batches=0",
+        "test=false", "~logger", "~callbacks", "+trainer.enable_checkpointing=false",
+        *overrides,
+    ]  # fmt: skip
+    runs = []
+    for name, cached in (("live", False), ("cached", True)):
+        cfg = compose_config("train", [*common, f"data.cache_features={cached}"], folder / name)
+        metrics, objects = train(cfg)
+        runs.append((metrics, objects["datamodule"]))
+    (live, _), (cached_run, data) = runs
+    store, build = data.features, data.feature_seconds
+    return FeatureSpeed(
+        live["train/images_per_s"], cached_run["train/images_per_s"], live["train/seconds"],
+        cached_run["train/seconds"] - build, store.rows / build, store.nbytes_per_row(),
+    )  # fmt: skip

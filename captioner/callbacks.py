@@ -4,6 +4,7 @@ checkpoint when the job is told to stop."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import signal
 import threading
 from pathlib import Path
@@ -138,3 +139,43 @@ class CheckpointOnSigterm(Callback):
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
             self._previous = None
+
+
+class StoredFeatures(Callback):
+    """`data.cache_features=true`: when fitting starts, before any loader is built, encode
+    every training image once into the data's `FeatureStore` on the device the run trains on
+    (rank 0 writes, the other ranks wait), keyed on the encoder's description and a hash of
+    its weights, so a store made with other weights or preprocessing is rebuilt, never reused."""
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        net, datamodule = pl_module.net, trainer.datamodule
+        device = trainer.strategy.root_device
+        encoder = {
+            "name": net.config.encoder.label or "vit",
+            "config": net.config.without_downloads().to_dict()["encoder"],
+            "weights": weights_hash(net.encoder),
+        }
+
+        @torch.no_grad()
+        def encode(images: torch.Tensor) -> torch.Tensor:
+            return net.encode(images.to(device))[0].float().cpu()
+
+        was_training = net.training
+        net.encoder.to(device).eval()  # Lightning moves the rest when it sets the model up
+        try:
+            datamodule.store_features(
+                encode, encoder, net.image_tokens, net.encoder.dim, writer=trainer.is_global_zero
+            )
+        finally:
+            net.train(was_training)
+
+
+def weights_hash(module: torch.nn.Module) -> str:
+    """sha256 of a module's weights and buffers, in name order: any change of value changes it."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

@@ -79,8 +79,9 @@ class CheckpointContents:
     data: dict[str, Any] | None = None  # the data config it was trained on
 
     def build_model(self) -> CaptionerModel:
-        """The model with these weights, in eval mode."""
-        return self.load_into(CaptionerModel(self.config)).eval()
+        """The model with these weights, in eval mode; a library encoder's architecture only
+        is built, its pretrained weights never fetched: every weight is here."""
+        return self.load_into(CaptionerModel(self.config.without_downloads())).eval()
 
     def load_into(self, model: CaptionerModel) -> CaptionerModel:
         """Copy these weights into a model built from `self.config`; returns it."""
@@ -141,7 +142,10 @@ def _contents(meta: Any, state: Any, source: Path, kind: str) -> CheckpointConte
         raise CheckpointError(
             f"{source}: not a captioner checkpoint (it lacks {', '.join(REQUIRED)}); {_HELP}."
         )
-    config = _field(source, "config", lambda: CaptionerConfig.from_dict(meta["config"]))
+    # the architecture alone: every weight is in the file, nothing is downloaded or read
+    config = _field(
+        source, "config", lambda: CaptionerConfig.from_dict(meta["config"]).without_downloads()
+    )
     tokenizer = _field(source, "tokenizer", lambda: Tokenizer.from_dict(meta["tokenizer"]))
     if len(tokenizer) != config.vocab_size:
         raise CheckpointError(
@@ -176,7 +180,7 @@ def _check_weights(config: CaptionerConfig, state: Any, source: Path) -> None:
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
     ):
         raise CheckpointError(f"{source}: its weights are not a mapping of names to tensors.")
-    for stack in ("encoder", "decoder"):
+    for stack in ("encoder", "decoder") if config.encoder.kind == "vit" else ("decoder",):
         found = {int(m[1]) for k in state if (m := re.match(rf"{stack}\.blocks\.(\d{{1,9}})\.", k))}
         depth = getattr(config, stack).depth
         if found != set(range(depth)):
@@ -185,10 +189,12 @@ def _check_weights(config: CaptionerConfig, state: Any, source: Path) -> None:
                 f"{len(found)} {stack} blocks; the checkpoint is inconsistent."
             )
     for name, tensor in state.items():
-        if tensor.dtype not in WEIGHT_DTYPES or tensor.layout != torch.strided:
+        counter = name.endswith(".num_batches_tracked") and tensor.dtype == torch.int64
+        if (tensor.dtype not in WEIGHT_DTYPES and not counter) or tensor.layout != torch.strided:
             raise CheckpointError(
                 f"{source}: weight {name} holds {tensor.dtype} values ({tensor.layout}); "
-                f"weights are dense floats ({', '.join(map(str, WEIGHT_DTYPES))})."
+                f"weights are dense floats ({', '.join(map(str, WEIGHT_DTYPES))}), batch-norm "
+                "counters int64."
             )
         if tensor.device.type != "cpu":  # a meta tensor holds no values
             raise CheckpointError(f"{source}: weight {name} holds no values ({tensor.device}).")
@@ -230,9 +236,9 @@ def _check_weights(config: CaptionerConfig, state: Any, source: Path) -> None:
     derived = sum(b.numel() for k, b in model.named_buffers() if k not in expected)
     if derived > max(stored, 1 << 20):
         raise CheckpointError(
-            f"{source}: field 'config': image_size {list(config.image_size)} with patch_size "
-            f"{config.encoder.patch_size} would allocate {derived:,} values beside {stored:,} "
-            "stored."
+            f"{source}: field 'config': image_size {list(config.image_size)} with the "
+            f"encoder's patch size {model.encoder.patch_size} would allocate {derived:,} values "
+            f"beside {stored:,} stored."
         )
 
 

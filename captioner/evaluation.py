@@ -114,11 +114,10 @@ class SplitEvaluator:
         """Each generated caption's word -> object looks, in a meter of its own, so that an image
         seen twice (DDP padding) can be counted once."""
         meters = []
-        encoder = self.net.encoder
-        for scene, caption in zip(scenes, to_captions(out, self.tokenizer, encoder), strict=True):
+        for scene, caption in zip(scenes, to_captions(out, self.tokenizer, self.net), strict=True):
             words = [w for w in caption.words if w != "<eos>"]
             assert caption.image_attention is not None
-            meter = GroundingMeter(encoder.patch_size)
+            meter = GroundingMeter(self.net.encoder.patch_size)
             boxes = [obj.box for obj in scene.objects]
             meter.update(caption.image_attention, scene.align(words), boxes)
             meters.append(meter)

@@ -160,7 +160,7 @@ class _Recorder:
 
     def __init__(self, steps: int, rows: int, model: CaptionerModel, device: torch.device):
         decoder, heads = model.decoder, model.decoder.heads
-        tokens = model.encoder.num_tokens  # every image token, prefix ones included
+        tokens = model.image_tokens  # every image token the decoder reads
         self.image = torch.zeros(steps, rows, decoder.image_layers, heads, tokens, device=device)
         layers = len(decoder.blocks)
         self.self = torch.zeros(steps, rows, layers, heads, steps, device=device)
@@ -415,7 +415,7 @@ def generate(
     was_training = model.training
     model.eval()
     try:
-        memory, _ = model.encoder(images)  # (B, S, D): once per image
+        memory, _ = model.encode(images)  # (B, S, D): once per image
         batch, device = images.shape[0], images.device
         k = options.beam_size
         search = _Search(

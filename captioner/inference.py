@@ -26,7 +26,6 @@ from captioner.data.transforms import ImagePreprocess, load_image
 from captioner.errors import ConfigError, ImageLoadError
 from captioner.generation import DecodingOptions, Generated, generate
 from captioner.models import CaptionerModel
-from captioner.models.encoder import ImageEncoder
 
 ImageInput = Image.Image | torch.Tensor | str | Path
 
@@ -164,8 +163,9 @@ class Captioner:
             with torch.no_grad():
                 _, weights = self.model.encoder(batch, need_weights=True)
             assert weights is not None
-            encoder_attention = torch.stack(weights, dim=1).float().cpu()  # (B, L, H, N, N)
-        results = to_captions(out, tok, self.model.encoder)
+            if weights:  # a convolutional encoder has no attention of its own
+                encoder_attention = torch.stack(weights, dim=1).float().cpu()  # (B, L, H, N, N)
+        results = to_captions(out, tok, self.model)
         if encoder_attention is not None:
             for caption, weights in zip(results, encoder_attention, strict=True):
                 caption.encoder_attention = weights
@@ -197,10 +197,10 @@ class Captioner:
             yield from flush()
 
 
-def to_captions(out: Generated, tokenizer: Tokenizer, encoder: ImageEncoder) -> list[Caption]:
+def to_captions(out: Generated, tokenizer: Tokenizer, model: CaptionerModel) -> list[Caption]:
     """One `Caption` per row of a `generate` result, its attention (if recorded) cut to the
     caption's length and its patches laid out on the encoder's grid, prefix tokens dropped."""
-    prefix = encoder.num_prefix_tokens
+    prefix, grid = model.image_prefix_tokens, model.encoder.grid_size
     results = []
     for i in range(out.tokens.shape[0]):
         length = int(out.lengths[i])
@@ -213,7 +213,7 @@ def to_captions(out: Generated, tokenizer: Tokenizer, encoder: ImageEncoder) -> 
         )
         if out.image_attention is not None and out.self_attention is not None:
             cross = out.image_attention[i, :, :, :length, prefix:]  # (L, H, T, patches)
-            caption.image_attention = cross.unflatten(-1, encoder.grid_size).cpu()
+            caption.image_attention = cross.unflatten(-1, grid).cpu()
             caption.self_attention = out.self_attention[i, :, :, :length, :length].cpu()
         results.append(caption)
     return results

@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 # Evaluation metrics are computed once, on rank 0, and broadcast: identical on every rank
 # without the reduction Lightning suggests for per-rank values.
 warnings.filterwarnings("ignore", r".*`self\.log\('(val|test)\w*/.*sync_dist=True.*")
+# A frozen encoder's parts stay in eval mode on purpose (`ImageEncoder.train`).
+warnings.filterwarnings("ignore", r".*module\(s\) in eval mode at the start of training.*")
 
 
 def warmup_cosine_schedule(
@@ -59,19 +61,59 @@ def teacher_forced_loss(
     pad_id: int,
     label_smoothing: float = 0.0,
     need_weights: bool = False,
+    memory: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
     """Next-word loss of captions `tokens` (B, T), <bos> first: the decoder reads
     tokens[:, :-1] and is scored on tokens[:, 1:], padding ignored. Returns the mean loss and,
-    with `need_weights`, the image attention per layer (B, heads, T - 1, S).
+    with `need_weights`, the image attention per layer (B, heads, T - 1, S). `memory`: the
+    image tokens, already encoded (a feature store), instead of `images`.
 
     The output projection and the loss are fused (`linear_cross_entropy`): the logits are
     never stored, and padded positions are never projected.
     """
-    states = net.features(images, tokens[:, :-1], need_weights=need_weights)
+    states = net.features(images, tokens[:, :-1], need_weights=need_weights, memory=memory)
     loss = linear_cross_entropy(
         states.hidden, net.output_weight, tokens[:, 1:], pad_id, label_smoothing
     )
     return loss, states.image_attention
+
+
+# Keys under `model.encoder` that say how to train it, not what it is: never in checkpoints.
+ENCODER_TRAINING = ("freeze", "lr_scale", "layer_decay")
+
+
+def _inputs(batch: dict[str, Any]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(images, None), or (None, image tokens) for a batch read from a feature store."""
+    if "features" in batch:
+        return None, batch["features"].float()
+    return batch["images"], None
+
+
+def parameter_groups(
+    net: CaptionerModel, lr: float, encoder_lr_scale: float = 1.0, layer_decay: float = 1.0
+) -> list[dict[str, Any]]:
+    """Optimizer groups: no weight decay on vectors (biases, norms) nor on the encoder's
+    positions and learned tokens (`ImageEncoder.no_weight_decay`); the encoder's learning rate
+    times `encoder_lr_scale`, and times `layer_decay` once more per block below its last
+    (`ImageEncoder.layer_ids`: the embeddings are the deepest down), the usual recipe for
+    fine-tuning a pretrained ViT. Frozen parameters are in no group."""
+    encoder = net.encoder
+    depth = len(encoder.stages())
+    ids, keep = encoder.layer_ids(), encoder.no_weight_decay()
+    groups: dict[tuple[bool, float], list[torch.nn.Parameter]] = {}
+    for name, param in net.named_parameters():
+        if not param.requires_grad:
+            continue
+        scale, decay = 1.0, param.ndim >= 2 and not name.endswith("pos_embed")
+        if name.startswith("encoder."):
+            inner = name.removeprefix("encoder.")
+            scale = encoder_lr_scale * layer_decay ** (depth + 1 - min(ids[inner], depth + 1))
+            decay = decay and inner not in keep
+        groups.setdefault((decay, scale), []).append(param)
+    return [
+        {"params": params, "lr": lr * scale, **({} if decay else {"weight_decay": 0.0})}
+        for (decay, scale), params in groups.items()
+    ]
 
 
 class CaptionerLitModule(LightningModule):
@@ -79,10 +121,12 @@ class CaptionerLitModule(LightningModule):
     (`SplitEvaluator`).
 
     The architecture (`model.max_len`, `model.dropout`, `model.encoder`, `model.decoder`)
-    arrives as keyword arguments and becomes a `CaptionerConfig`. Every checkpoint also keeps
-    the tokenizer, the image
-    preprocessing (`ImagePreprocess.to_dict()`) and the data config (`data_config`), so one
-    file rebuilds the captioner and finds its test set. `decoding` holds `DecodingOptions`
+    arrives as keyword arguments and becomes a `CaptionerConfig`; the encoder's training keys
+    (`ENCODER_TRAINING`: how much of it to freeze, its learning-rate scale and layer-wise
+    decay) are taken out first. Every checkpoint also keeps the tokenizer, the image
+    preprocessing (`ImagePreprocess.to_dict()`; `tasks.train` gives it the mean, std and
+    interpolation of a pretrained encoder's weights) and the data config (`data_config`), so
+    one file rebuilds the captioner and finds its test set. `decoding` holds `DecodingOptions`
     fields for validation and test (greedy by default); `spice` adds SPICE to test metrics.
     `attention_supervision` weighs `grounding_loss` against the caption loss, on data that knows
     which object each word names (shapes); on such data, validation and test also score
@@ -124,8 +168,19 @@ class CaptionerLitModule(LightningModule):
             ignore=["tokenizer", "preprocess", "optimizer", "scheduler"],
             logger=False,
         )
+        encoder = dict(architecture.get("encoder") or {})
+        training = {key: encoder.pop(key) for key in ENCODER_TRAINING if key in encoder}
+        self.encoder_lr_scale = float(training.get("lr_scale", 1.0))
+        self.encoder_layer_decay = float(training.get("layer_decay", 1.0))
+        if not (self.encoder_lr_scale >= 0.0 and 0.0 < self.encoder_layer_decay <= 1.0):
+            raise ConfigError(
+                "model.encoder.lr_scale must be >= 0 and model.encoder.layer_decay in (0, 1], "
+                f"got {training.get('lr_scale')} and {training.get('layer_decay')}."
+            )
+        architecture = {**architecture, "encoder": encoder} if encoder else architecture
         self.config = CaptionerConfig.from_dict({**architecture, "vocab_size": len(tokenizer)})
         self.net = CaptionerModel(self.config)
+        self.net.encoder.freeze(training.get("freeze", "none"))
         self.tokenizer, self.preprocess = tokenizer, preprocess
         # The data config it is trained on, kept in checkpoints so evaluation finds the test
         # split; set by `tasks.train` (a dict with `_target_` cannot pass through instantiate).
@@ -155,7 +210,8 @@ class CaptionerLitModule(LightningModule):
     def loss(self, batch: dict[str, Any]) -> torch.Tensor:
         """Next-word cross-entropy of the batch's captions (`teacher_forced_loss`)."""
         tokens, pad_id = batch["tokens"], self.tokenizer.pad_id
-        return self._train_loss(batch["images"], tokens, pad_id, self.label_smoothing)[0]
+        images, memory = _inputs(batch)
+        return self._train_loss(images, tokens, pad_id, self.label_smoothing, memory=memory)[0]
 
     def supervised_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """Caption loss and grounding loss, from one pass through the explicit attention path.
@@ -168,16 +224,17 @@ class CaptionerLitModule(LightningModule):
                 "model.attention_supervision needs to know which object each word names, which "
                 "only data=shapes provides: set model.attention_supervision=0 for this data."
             )
+        images, memory = _inputs(batch)
         loss, image_attention = self._train_loss(
-            batch["images"], batch["tokens"], self.tokenizer.pad_id, self.label_smoothing,
-            need_weights=True,
+            images, batch["tokens"], self.tokenizer.pad_id, self.label_smoothing,
+            need_weights=True, memory=memory,
         )  # fmt: skip
         assert image_attention is not None
         encoder = self.net.encoder
         coverage, _ = box_coverage(
             batch["word_boxes"][:, 1:], encoder.grid_size, encoder.patch_size
         )  # (B, T - 1, grid_h, grid_w)
-        patches = [layer[..., encoder.num_prefix_tokens :] for layer in image_attention]
+        patches = [layer[..., self.net.image_prefix_tokens :] for layer in image_attention]
         return loss, grounding_loss(patches, coverage.flatten(2))
 
     def on_train_batch_start(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -283,17 +340,15 @@ class CaptionerLitModule(LightningModule):
             self.log(name, value, add_dataloader_idx=False, prog_bar=shown)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        """AdamW-style groups: weight decay on matrices only, not on biases, norms or positions."""
-        decay, no_decay = [], []
-        for name, param in self.net.named_parameters():
-            (decay if param.ndim >= 2 and not name.endswith("pos_embed") else no_decay).append(
-                param
-            )
+        """AdamW-style groups (`parameter_groups`): weight decay on matrices only, the
+        encoder's learning rate scaled, frozen weights left out."""
         if self.optimizer_factory is None:
             raise ConfigError("model.optimizer is not set: training needs an optimizer config.")
-        optimizer = self.optimizer_factory(
-            params=[{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+        base_lr = getattr(self.optimizer_factory, "keywords", {}).get("lr", 1e-3)
+        groups = parameter_groups(
+            self.net, base_lr, self.encoder_lr_scale, self.encoder_layer_decay
         )
+        optimizer = self.optimizer_factory(params=groups)
         if self.scheduler_factory is None:
             return {"optimizer": optimizer}
         total = self.trainer.estimated_stepping_batches

@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import MissingMandatoryValue
 from torch.utils.data import DataLoader
 
+from captioner.callbacks import StoredFeatures
 from captioner.checkpoint import CheckpointContents, load_checkpoint, remove_stale_temporaries
 from captioner.data import ImagePreprocess, Tokenizer, split_words
 from captioner.data.policy import BAD, BadSample
@@ -120,6 +121,17 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     model = _instantiate(
         cfg.model, tokenizer=datamodule.tokenizer, preprocess=datamodule.preprocess.to_dict()
     )
+    backbone = model.net.encoder.preprocessing()  # the pixels its weights were trained on
+    if backbone is not None:
+        model.preprocess = ImagePreprocess.from_dict({**model.preprocess, **backbone}).to_dict()
+        datamodule.use_preprocess(ImagePreprocess.from_dict(model.preprocess))
+    if getattr(datamodule, "cache_features", False):
+        if any(p.requires_grad for p in model.net.encoder.parameters()):
+            raise ConfigError(
+                "data.cache_features=true stores the encoder's outputs once, so the encoder "
+                "must not change: set model.encoder.freeze=all (or data.cache_features=false)."
+            )
+        trainer.callbacks.append(StoredFeatures())
     if resumed is not None:
         _check_same_architecture(resumed, model.config)
     model.data_config = record_data_config(OmegaConf.to_container(cfg.data, resolve=True))
@@ -228,8 +240,9 @@ def _resumable(path: Path) -> CheckpointContents:
 def _check_same_architecture(contents: CheckpointContents, config: CaptionerConfig) -> None:
     """Resuming needs the model the checkpoint was trained as (dropout may change): name
     every key that differs."""
-    theirs, ours = _flat(contents.config.to_dict()), _flat(config.to_dict())
-    changed = [key for key in ours if ours[key] != theirs[key] and key != "dropout"]
+    theirs = _flat(contents.config.to_dict())
+    ours = _flat(config.without_downloads().to_dict())  # the weights come from the checkpoint
+    changed = [key for key in ours if ours[key] != theirs.get(key) and key != "dropout"]
     if changed:
         names = {k: "data.image_size" if k == "encoder.image_size" else f"model.{k}" for k in ours}
         differences = ", ".join(f"{names[k]}={theirs[k]} (this run: {ours[k]})" for k in changed)
@@ -380,7 +393,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     datamodule = _eval_datamodule(cfg, contents)
     tokenizer = Tokenizer.from_dict(contents.tokenizer)
     datamodule.tokenizer = tokenizer  # the vocabulary the model was trained with
-    datamodule.preprocess = ImagePreprocess.from_dict(contents.preprocess)
+    datamodule.use_preprocess(ImagePreprocess.from_dict(contents.preprocess))
     if not datamodule.test_splits():
         raise ConfigError(
             "the data has no test split to evaluate on: name one (data.test_json, data.test_file, "

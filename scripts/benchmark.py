@@ -18,6 +18,9 @@ images/s, decoding ms/token at --lengths for each --batch-sizes, KV-cache bytes 
 precision (only when asked, with --ckpt): a trained checkpoint's test captions with float32
 weights and with --low-dtype ones: how many stay identical (greedy, beam 3), and captions/s of
 each at --batch-sizes.
+features (only when asked): training images/s with the encoder frozen, from COCO-sized JPEGs
+through it and from its stored outputs (data.cache_features), --steps steps of --train-batch,
+and the store's build rate and size per image.
 For randomly initialised models of a `conf/model/` preset (with the KEY=VALUE overrides);
 medians of repeated runs in turns. --device cuda runs training (bf16 autocast), generation,
 decoding and variants on a GPU, timed to the end of the queued work.
@@ -31,6 +34,7 @@ import json
 import math
 import os
 import platform
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -42,6 +46,7 @@ from rich.console import Console
 from rich.table import Table
 
 from captioner.benchmark import (
+    FeatureSpeed,
     FusionCost,
     Measurement,
     PrecisionCheck,
@@ -51,6 +56,7 @@ from captioner.benchmark import (
     cache_summary,
     data_benchmark,
     decoding_benchmark,
+    feature_cache_speed,
     fusion_scaling,
     generation_benchmark,
     precision_check,
@@ -61,6 +67,7 @@ from captioner.checkpoint import load_checkpoint
 from captioner.cli import user_errors
 from captioner.errors import ConfigError
 from captioner.inference import DTYPES, usable_device
+from captioner.lit_module import ENCODER_TRAINING
 from captioner.models import CaptionerConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,6 +91,8 @@ def preset_config(
     model = OmegaConf.to_container(cfg.model, resolve=True)
     keys = {field.name for field in dataclasses.fields(CaptionerConfig)}
     architecture = {k: v for k, v in model.items() if k in keys}  # type: ignore[union-attr]
+    encoder = architecture["encoder"]
+    architecture["encoder"] = {k: v for k, v in encoder.items() if k not in ENCODER_TRAINING}
     return CaptionerConfig.from_dict({**architecture, "vocab_size": vocab_size})
 
 
@@ -135,7 +144,7 @@ def main() -> None:
     parser.add_argument(
         "--only",
         nargs="+",
-        choices=(*PARTS, "fusion", "variants", "precision"),
+        choices=(*PARTS, "fusion", "variants", "precision", "features"),
         default=list(PARTS),
     )
     parser.add_argument(
@@ -153,6 +162,7 @@ def main() -> None:
     parser.add_argument(
         "--patches", type=int, nargs="+", default=[64, 196, 576, 1024], help="fusion: grids"
     )
+    parser.add_argument("--steps", type=int, default=12, help="features: training steps")
     parser.add_argument("--no-hf", action="store_true", help="leave out the Hugging Face model")
     parser.add_argument(
         "--compile", action="store_true", help="also train ours through torch.compile"
@@ -172,9 +182,9 @@ def main() -> None:
                 )
                 for name, changes in chosen.items()
             }  # fmt: skip
-        if device.type != "cpu" and {"data", "fusion", "precision"} & set(args.only):
+        if device.type != "cpu" and {"data", "fusion", "precision", "features"} & set(args.only):
             raise ConfigError(
-                "--only data, fusion and precision measure the CPU: leave out --device."
+                "--only data, fusion, precision and features measure the CPU: leave out --device."
             )
         checks = []
         if "precision" in args.only:
@@ -216,6 +226,13 @@ def main() -> None:
             lengths=tuple(args.lengths or (16, 64)), dtype=args.dtypes[-1], repeats=repeats,
             device=device,
         )  # fmt: skip
+    features = None
+    if "features" in args.only:
+        with tempfile.TemporaryDirectory() as folder:
+            model = [f"model={args.model}", f"data.image_size={args.image_size}"]
+            features = feature_cache_speed(
+                [*model, *args.overrides], Path(folder), args.steps, args.train_batch
+            )
     setting = {
         "model": args.model, "image_size": args.image_size, "vocab_size": args.vocab_size,
         "caption_tokens": config.max_len, "threads": args.threads, "repeats": repeats,
@@ -232,6 +249,7 @@ def main() -> None:
             "fusion": [dataclasses.asdict(r) for r in fusion],
             "variants": [_variant_json(r) for r in costs],
             "precision": [dataclasses.asdict(r) for r in checks],
+            "features": features and {**dataclasses.asdict(features), "speedup": features.speedup},
         }
         print(json.dumps(report, indent=2))
         return
@@ -251,6 +269,8 @@ def main() -> None:
         print_variants(console, costs)
     if checks:
         print_precision(console, checks)
+    if features:
+        print_features(console, features)
 
 
 def machine_name(device: torch.device) -> str:
@@ -389,6 +409,22 @@ def print_variants(console: Console, rows: list[VariantCost]) -> None:
         )  # fmt: skip
     console.print(table)
     console.print(f"ratios: to {base.variant}")
+
+
+def print_features(console: Console, row: FeatureSpeed) -> None:
+    table = Table(
+        title="Training with the encoder frozen: images through it, or its stored outputs"
+    )
+    for column in ("", "train images/s", "fit seconds"):
+        table.add_column(column, justify="right")
+    table.add_row("from images", f"{row.live_images_per_s:.1f}", f"{row.live_seconds:.1f}")
+    table.add_row("from the store", f"{row.cached_images_per_s:.1f}", f"{row.cached_seconds:.1f}")
+    console.print(table)
+    console.print(
+        f"stored features are {row.speedup:.1f}x faster per training step; the store took "
+        f"{row.store_images_per_s:.1f} images/s to build, {row.store_bytes_per_image / 1024:.0f} "
+        "KiB per image (float16)"
+    )
 
 
 def print_precision(console: Console, rows: list[PrecisionCheck]) -> None:

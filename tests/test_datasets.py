@@ -451,9 +451,9 @@ def test_training_crops_keep_at_least_the_minimum_area(monkeypatch: pytest.Monke
     sizes = []
     real = transforms.TF.resized_crop
 
-    def spy(pixels, top, left, height, width, size, antialias):
+    def spy(pixels, top, left, height, width, size, interpolation, antialias):
         sizes.append((height, width))
-        return real(pixels, top, left, height, width, size, antialias=antialias)
+        return real(pixels, top, left, height, width, size, interpolation, antialias=antialias)
 
     monkeypatch.setattr(transforms.TF, "resized_crop", spy)
     augment = TrainAugment(ImagePreprocess((32, 32)), min_area=0.8)

@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 
-from captioner.data.policy import BAD
+from captioner.data.features import FeatureStore
+from captioner.data.policy import BAD, BadSample
 from captioner.data.tokenizer import Tokenizer
 from captioner.data.transforms import ImagePreprocess
 
@@ -37,6 +38,8 @@ class CaptionCollator:
     supervision. Samples that came back as
     `{BAD: BadSample}` are left out and listed under `bad_samples`, for the main process to
     apply the bad-sample policy; a sample may fix its training caption under `caption`.
+    With a `FeatureStore`, each sample's stored encoder output (its `row`) comes as
+    `features` (B, S, D) instead of `images`.
     """
 
     def __init__(
@@ -46,11 +49,20 @@ class CaptionCollator:
         max_len: int,
         split: str,
         train: bool,
+        features: FeatureStore | None = None,
     ) -> None:
         self.tokenizer, self.preprocess, self.max_len = tokenizer, preprocess, max_len
-        self.split, self.train = split, train
+        self.split, self.train, self.features = split, train, features
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        stored = None
+        if self.features is not None:
+            samples = [s for s in samples if BAD not in s]
+            values, valid = self.features.read([s["row"] for s in samples])
+            for sample, ok in zip(samples, valid, strict=True):
+                if not ok:  # its image was unreadable when the store was built
+                    sample[BAD] = BadSample(sample["source"], "unreadable (feature store)")
+            stored = torch.from_numpy(values[valid])
         bad = [s[BAD] for s in samples if BAD in s]
         samples = [s for s in samples if BAD not in s]
         references = [s["captions"] for s in samples]
@@ -66,12 +78,7 @@ class CaptionCollator:
         tokens = torch.full((len(ids), max(map(len, ids), default=2)), self.tokenizer.pad_id)
         for row, seq in enumerate(ids):
             tokens[row, : len(seq)] = torch.tensor(seq)
-        if samples:
-            images = torch.stack([s["image"] for s in samples])  # (B, 3, H, W)
-        else:  # every sample was bad: an empty batch, which the model skips
-            images = torch.zeros(0, 3, *self.preprocess.image_size, dtype=torch.uint8)
-        batch = {
-            "images": self.preprocess.normalize(images),
+        batch: dict[str, Any] = {
             "tokens": tokens,  # (B, T): <bos> words <eos> <pad>...
             "image_ids": [s["image_id"] for s in samples],
             "sources": [s["source"] for s in samples],  # the file or shard entry of each image
@@ -79,6 +86,12 @@ class CaptionCollator:
             "split": self.split,
             "bad_samples": bad,
         }
+        if stored is not None:
+            batch["features"] = stored  # (B, S, D) float16
+        else:  # no sample left (every one bad): an empty batch, which the model skips
+            empty = torch.zeros(0, 3, *self.preprocess.image_size, dtype=torch.uint8)
+            images = torch.stack([s["image"] for s in samples]) if samples else empty
+            batch["images"] = self.preprocess.normalize(images)  # (B, 3, H, W)
         if samples and "scene" in samples[0]:
             scenes = [s["scene"] for s in samples]
             batch["scenes"] = Opaque(scenes)

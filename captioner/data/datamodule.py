@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, Sampler
 
 from captioner.data.collate import CaptionCollator
-from captioner.data.policy import BadSampleLog
+from captioner.data.features import FeatureStore
+from captioner.data.policy import BAD, BadSampleLog
 from captioner.data.shapes import ShapesDataset, ShapesWorld
 from captioner.data.tokenizer import Tokenizer
 from captioner.data.transforms import ImagePreprocess, TrainAugment, image_size_pair
@@ -105,10 +108,17 @@ class CaptionDataModule(LightningDataModule):
     caching. A split's data is read only when its loader is asked for, so evaluating a
     checkpoint needs its test data, not the training data. Bad samples reach the main
     process in each batch and go to `bad_samples`, which applies `data.on_bad_sample`.
+
+    With `cache_features`, training reads a frozen encoder's outputs from a `FeatureStore`
+    (`store_features`, before the first epoch) instead of images: subclasses that support it
+    provide `feature_images(split)` (each distinct image once, un-augmented, its index the
+    `row` its samples carry), `data_identity()` and `default_feature_dir()`.
     """
 
     preprocess: ImagePreprocess
     augment: TrainAugment | None = None  # training-time image transform, if any
+    features: FeatureStore | None = None  # the training split's stored encoder outputs
+    feature_seconds = 0.0  # spent building (or checking) the store
 
     def __init__(
         self,
@@ -118,8 +128,11 @@ class CaptionDataModule(LightningDataModule):
         min_freq: int,
         pin_memory: bool,
         on_bad_sample: str = "error",
+        cache_features: bool = False,
+        feature_dir: str | None = None,
     ) -> None:
         super().__init__()
+        self.cache_features, self.feature_dir = cache_features, feature_dir
         if batch_size < 1:
             raise ConfigError(f"data.batch_size must be >= 1, got {batch_size}.")
         if num_workers < 0:
@@ -145,11 +158,13 @@ class CaptionDataModule(LightningDataModule):
         `scripts/validate_data.py` reads)."""
         raise NotImplementedError
 
-    def image_transform(self, split: str, scan: bool) -> Callable[[Image.Image], Any]:
+    def image_transform(self, split: str, scan: bool) -> Callable[[Image.Image], Any] | None:
         """Augmented pixels for training, the whole image resized otherwise; nothing kept
         when scanning."""
         if scan:
             return _discard
+        if split == "train" and self.features is not None:
+            return None  # the stored features stand for the image: it is not even read
         if split == "train" and self.augment is not None:
             return self.augment
         return self.preprocess.resize
@@ -180,6 +195,13 @@ class CaptionDataModule(LightningDataModule):
         """Use a checkpoint's vocabulary instead of building one (evaluation, resuming)."""
         self._tokenizer = tokenizer
 
+    def use_preprocess(self, preprocess: ImagePreprocess) -> None:
+        """The model's preprocessing (a pretrained encoder's statistics and interpolation)
+        instead of the data's default, for every split and the training augmentation."""
+        self.preprocess = preprocess
+        if self.augment is not None:
+            self.augment = replace(self.augment, preprocess=preprocess)
+
     def transfer_batch_to_device(
         self, batch: dict[str, Any], device: torch.device, dataloader_idx: int
     ) -> dict[str, Any]:
@@ -189,7 +211,83 @@ class CaptionDataModule(LightningDataModule):
         return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     def collator(self, split: str, train: bool) -> CaptionCollator:
-        return CaptionCollator(self.tokenizer, self.preprocess, self.max_len, split, train)
+        features = self.features if split == "train" else None
+        return CaptionCollator(
+            self.tokenizer, self.preprocess, self.max_len, split, train, features
+        )
+
+    def feature_images(self, split: str) -> Dataset:
+        """Each distinct image of `split` once, un-augmented, in row order."""
+        raise ConfigError(
+            f"data.cache_features=true is not supported by {type(self).__name__}: it needs "
+            "images that can be read by index (data=coco, karpathy, flickr, jsonl, shapes)."
+        )
+
+    def data_identity(self) -> str:
+        """What the stored features of the training split depend on besides the encoder."""
+        raise NotImplementedError
+
+    def default_feature_dir(self) -> Path:
+        raise NotImplementedError
+
+    def store_features(
+        self,
+        encode: Callable[[torch.Tensor], torch.Tensor],
+        encoder: dict[str, Any],
+        tokens: int,
+        dim: int,
+        writer: bool = True,
+    ) -> FeatureStore:
+        """Encode every training image once (`encode`: a normalised batch -> its tokens) into
+        a store keyed on `encoder` (a description of it and its weights), the preprocessing
+        and the data, or reuse the store already there for that key; other DDP ranks
+        (`writer=False`) wait for rank 0's. Training then reads the store (no augmentation:
+        each image has one stored view)."""
+        images = self.feature_images("train")
+        name = "".join(c if c.isalnum() or c in "-_." else "-" for c in str(encoder["name"]))
+        folder = Path(self.feature_dir or self.default_feature_dir()) / f"train-{name}"
+        key = {
+            "encoder": encoder, "preprocess": self.preprocess.to_dict(),
+            "data": self.data_identity(), "split": "train",
+        }  # fmt: skip
+        store = FeatureStore(folder, key, len(images), tokens, dim)  # type: ignore[arg-type]
+        start = time.perf_counter()
+        store.ensure(self._encoder_rows(images, encode, (tokens, dim)), self.batch_size, writer)
+        self.feature_seconds = time.perf_counter() - start
+        self.features = store
+        self._datasets.pop("train", None)  # built again, reading the store instead of images
+        return store
+
+    def _encoder_rows(
+        self,
+        images: Dataset,
+        encode: Callable[[torch.Tensor], torch.Tensor],
+        shape: tuple[int, int],
+    ) -> Callable[[int, int], tuple[Any, Any]]:
+        """`FeatureStore.ensure`'s `encode(start, stop)`: consecutive chunks, read by one
+        loader from the first row asked for (images decode in its workers)."""
+        state: dict[str, Any] = {"next": None, "batches": None}
+
+        def rows(start: int, stop: int) -> tuple[Any, Any]:
+            if state["next"] != start:
+                subset = torch.utils.data.Subset(images, range(start, len(images)))  # type: ignore[arg-type]
+                loader = DataLoader(
+                    subset, batch_size=self.batch_size, num_workers=self.num_workers,
+                    collate_fn=list,
+                )  # fmt: skip
+                state["batches"] = iter(loader)
+            samples = next(state["batches"])
+            assert len(samples) == stop - start
+            state["next"] = stop
+            self.bad_samples.report([s[BAD] for s in samples if BAD in s])
+            valid = torch.tensor([BAD not in s for s in samples])
+            good = [s["image"] for s in samples if BAD not in s]
+            features = torch.zeros(len(samples), *shape)  # a bad image's row stays zeros
+            if good:
+                features[valid] = encode(self.preprocess.normalize(torch.stack(good))).float()
+            return features.numpy(), valid.numpy()
+
+        return rows
 
     def split(self, name: str) -> Dataset:
         """The split's dataset, built on first use."""
@@ -358,8 +456,13 @@ class ImageDataModule(CaptionDataModule):
         on_bad_sample: str = "error",
         augment: bool = True,
         min_crop_area: float = 0.8,
+        cache_features: bool = False,
+        feature_dir: str | None = None,
     ) -> None:
-        super().__init__(batch_size, num_workers, max_len, min_freq, pin_memory, on_bad_sample)
+        super().__init__(
+            batch_size, num_workers, max_len, min_freq, pin_memory, on_bad_sample,
+            cache_features, feature_dir,
+        )  # fmt: skip
         self.preprocess = ImagePreprocess(image_size_pair(image_size))
         self.augment = TrainAugment(self.preprocess, min_crop_area) if augment else None
 
@@ -388,8 +491,13 @@ class ShapesDataModule(CaptionDataModule):
         max_len: int = 32,
         min_freq: int = 1,
         pin_memory: bool = True,
+        cache_features: bool = False,
+        feature_dir: str | None = None,
     ) -> None:
-        super().__init__(batch_size, num_workers, max_len, min_freq, pin_memory)
+        super().__init__(
+            batch_size, num_workers, max_len, min_freq, pin_memory, "error", cache_features,
+            feature_dir,
+        )  # fmt: skip
         for name, value in (("num_train", num_train), ("num_val", num_val), ("num_test", num_test)):
             if value < 1:
                 raise ConfigError(f"data.{name} must be >= 1, got {value}.")
@@ -405,7 +513,21 @@ class ShapesDataModule(CaptionDataModule):
         return list(self.sizes)
 
     def dataset(self, split: str, scan: bool = False) -> Dataset:
+        render = self.image_transform(split, scan) is not None
+        return ShapesDataset(self.world, split, self.sizes[split], render)
+
+    def feature_images(self, split: str) -> Dataset:
         return ShapesDataset(self.world, split, self.sizes[split])
+
+    def data_identity(self) -> str:
+        world = self.world
+        return repr((world.image_size, world.grid, world.min_objects, world.max_objects,
+                     sorted(world.holdout), world.seed, self.sizes["train"]))  # fmt: skip
+
+    def default_feature_dir(self) -> Path:
+        raise ConfigError(
+            "data.cache_features=true on shapes needs data.feature_dir: a folder for the store."
+        )
 
     def training_captions(self) -> Iterable[str]:
         for index in range(self.sizes["train"]):

@@ -33,12 +33,13 @@ class ImageCaptionDataset(Dataset):
     With `every_caption`, each (image, caption) pair is one sample, so an epoch sees every
     caption; otherwise each image is one sample and the collator draws one of its captions.
     `at_least` is `load_image`'s: the size below which decoding does not shrink an image.
+    Without a `transform` the image is not read at all: its stored features (`row`) are.
     """
 
     def __init__(
         self,
         records: Sequence[Record],
-        transform: Callable[[Image.Image], torch.Tensor],
+        transform: Callable[[Image.Image], torch.Tensor] | None,
         every_caption: bool = False,
         at_least: tuple[int, int] | None = None,
     ) -> None:
@@ -55,14 +56,15 @@ class ImageCaptionDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         position, caption = self.index[index]
         record = self.records[position]
-        try:
-            pixels = self.transform(load_image(record.image, at_least=self.at_least))
-        except ImageLoadError as err:
-            return {BAD: BadSample(err.source, err.reason)}
         sample = {
-            "image": pixels, "captions": list(record.captions), "image_id": record.image_id,
+            "captions": list(record.captions), "image_id": record.image_id, "row": position,
             "source": str(record.image),
         }  # fmt: skip
+        if self.transform is not None:
+            try:
+                sample["image"] = self.transform(load_image(record.image, at_least=self.at_least))
+            except ImageLoadError as err:
+                return {BAD: BadSample(err.source, err.reason)}
         if caption is not None:
             sample["caption"] = record.captions[caption]
         return sample
@@ -127,6 +129,18 @@ class FileCaptionDataModule(ImageDataModule):
     def training_captions(self) -> Iterable[str]:
         for record in self.records("train"):
             yield from record.captions
+
+    def feature_images(self, split: str) -> Dataset:
+        records = self.records(split)
+        return ImageCaptionDataset(
+            records, self.preprocess.resize, at_least=self.decode_size(False)
+        )
+
+    def data_identity(self) -> str:
+        return data_key(self.training_sources(), {"format": type(self).__name__}, True)
+
+    def default_feature_dir(self) -> Path:
+        return self.training_sources()[0].parent / "features"
 
     def vocab_cache_file(self) -> Path | None:
         sources = self.training_sources()

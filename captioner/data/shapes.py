@@ -332,10 +332,11 @@ class ShapesWorld:
 
 
 class ShapesDataset(Dataset):
-    """`length` scenes of one split, as normalised image tensors with captions and truth."""
+    """`length` scenes of one split, as uint8 image tensors with captions and truth; without
+    `render`, the scenes alone (training from stored features: `row` finds the image's)."""
 
-    def __init__(self, world: ShapesWorld, split: str, length: int) -> None:
-        self.world, self.split, self.length = world, split, length
+    def __init__(self, world: ShapesWorld, split: str, length: int, render: bool = True) -> None:
+        self.world, self.split, self.length, self.render = world, split, length, render
 
     def __len__(self) -> int:
         return self.length
@@ -344,8 +345,11 @@ class ShapesDataset(Dataset):
         if not 0 <= index < self.length:
             raise IndexError(index)
         scene = self.world.scene(self.split, index)
-        image = torch.from_numpy(self.world.render(scene)).permute(2, 0, 1)  # (3, H, W) uint8
-        return {
-            "image": image, "captions": list(scene.captions), "image_id": index, "scene": scene,
+        sample = {
+            "captions": list(scene.captions), "image_id": index, "scene": scene, "row": index,
             "source": f"shapes:{self.split}/{index}",
         }  # fmt: skip
+        if self.render:
+            image = torch.from_numpy(self.world.render(scene)).permute(2, 0, 1)  # (3, H, W)
+            sample["image"] = image
+        return sample

@@ -259,6 +259,8 @@ class WebDataModule(ImageDataModule):
         **common: Any,
     ) -> None:
         super().__init__(**common)
+        if self.cache_features:
+            self.feature_images("train")  # not for streams: raises, naming what is supported
         self.shards = {
             split: expand_shards(spec, f"data.{split}_shards")
             for split, spec in (("train", train_shards), ("val", val_shards), ("test", test_shards))

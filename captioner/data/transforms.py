@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from captioner.errors import ConfigError, ImageLoadError
@@ -22,6 +23,7 @@ from captioner.values import is_finite, is_int, short
 # Images are stored as uint8 and mapped to [-1, 1]; checkpoints record these numbers.
 IMAGE_MEAN = (0.5, 0.5, 0.5)
 IMAGE_STD = (0.5, 0.5, 0.5)
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 # Transparent pixels are shown over white, as a browser or viewer shows them.
 BACKGROUND = (255, 255, 255)
 Image.init()
@@ -117,12 +119,18 @@ def image_size_pair(value: int | Any) -> tuple[int, int]:
 class ImagePreprocess:
     """The whole image resized to `image_size` (never cropped), then normalised.
 
-    Stored in every checkpoint, so captioning a file sees what training saw.
+    Stored in every checkpoint, so captioning a file sees what training saw. A pretrained
+    encoder brings the statistics and interpolation its weights were trained with.
     """
 
     image_size: tuple[int, int]  # (height, width) the model takes
     mean: tuple[float, ...] = IMAGE_MEAN
     std: tuple[float, ...] = IMAGE_STD
+    interpolation: str = "bilinear"  # or bicubic, nearest: how images are resized
+
+    @property
+    def mode(self) -> InterpolationMode:
+        return InterpolationMode(self.interpolation)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 pixels, or floats in [0, 1], shaped (..., C, H, W) -> normalised floats."""
@@ -159,12 +167,15 @@ class ImagePreprocess:
                 "convert the image to RGB"
             )
         if tuple(pixels.shape[-2:]) != self.image_size:
-            pixels = TF.resize(pixels, list(self.image_size), antialias=True)
+            pixels = TF.resize(pixels, list(self.image_size), self.mode, antialias=True)
         return pixels
 
     def to_dict(self) -> dict[str, Any]:
         """Plain types, for checkpoints and exported JSON."""
-        return {"image_size": list(self.image_size), "mean": list(self.mean), "std": list(self.std)}
+        return {
+            "image_size": list(self.image_size), "mean": list(self.mean), "std": list(self.std),
+            "interpolation": self.interpolation,
+        }  # fmt: skip
 
     @classmethod
     def from_dict(cls, state: Any) -> ImagePreprocess:
@@ -187,7 +198,12 @@ class ImagePreprocess:
             1e-6 <= s <= 1e6 for s in stats["std"]
         ):
             raise ValueError("std must hold one number in [1e-6, 1e6] per entry of mean")
-        return cls((size[0], size[1]), stats["mean"], stats["std"])
+        interpolation = state.get("interpolation", "bilinear")  # older files: bilinear
+        if interpolation not in INTERPOLATIONS:
+            raise ValueError(
+                f"interpolation must be one of {list(INTERPOLATIONS)}, got {short(interpolation)}"
+            )
+        return cls((size[0], size[1]), stats["mean"], stats["std"], interpolation)
 
 
 def _positive_int(value: Any) -> bool:
@@ -226,4 +242,5 @@ class TrainAugment:
         top = int(torch.randint(0, height - crop_h + 1, ()).item())
         left = int(torch.randint(0, width - crop_w + 1, ()).item())
         size = list(self.preprocess.image_size)
-        return TF.resized_crop(pixels, top, left, crop_h, crop_w, size, antialias=True)
+        mode = self.preprocess.mode
+        return TF.resized_crop(pixels, top, left, crop_h, crop_w, size, mode, antialias=True)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from captioner.models.backbones import OpenClipEncoder, ResNetEncoder, TimmEncoder
 from captioner.models.blocks import Reading
 from captioner.models.config import CaptionerConfig
 from captioner.models.decoder import (
@@ -22,7 +23,10 @@ from captioner.models.decoder import (
 )
 from captioner.models.encoder import ImageEncoder, VisionEncoder
 
-ENCODERS: dict[str, type[ImageEncoder]] = {"vit": VisionEncoder}
+ENCODERS: dict[str, type[ImageEncoder]] = {
+    "vit": VisionEncoder, "resnet": ResNetEncoder, "timm": TimmEncoder,
+    "open_clip": OpenClipEncoder,
+}  # fmt: skip
 DECODERS: dict[str, type[CaptionDecoder]] = {
     "cross": CrossAttentionDecoder, "prefix": PrefixDecoder,
 }  # fmt: skip
@@ -41,30 +45,35 @@ class CaptionerOutput:
 
 class CaptionerModel(nn.Module):
     """An image encoder and a caption decoder. Returns logits (or the states before the
-    output projection); loss and label shifting live outside."""
+    output projection); loss and label shifting live outside.
+
+    The decoder reads the encoder's patch tokens; its prefix tokens (CLS, registers) too only
+    where the encoder says so (`reads_prefix`): `image_prefix_tokens` is how many lead the
+    image attention. Our own initialisation covers the parts built here, never the weights a
+    library encoder arrived with.
+    """
 
     def __init__(self, config: CaptionerConfig) -> None:
         super().__init__()
         self.config = config
         self.encoder = ENCODERS[config.encoder.kind](config.encoder, config.dropout)
-        self.decoder = DECODERS[config.decoder.kind](config)
-        self.apply(self._init_weights)
+        self.decoder = DECODERS[config.decoder.kind](config, self.encoder.dim)
+        ours: list[nn.Module] = [self.decoder]
+        if isinstance(self.encoder, VisionEncoder):
+            ours.insert(0, self.encoder)
+        for part in ours:
+            part.apply(self._init_weights)
         # Scale residual output projections by depth (GPT-2), so deep stacks start stable.
-        for stack, depth in (
-            (self.encoder.blocks, config.encoder.depth),
-            (self.decoder.blocks, config.decoder.depth),
-        ):
-            std = 0.02 / math.sqrt(2 * depth)
-            for name, param in stack.named_parameters():
+        for part in ours:
+            std = 0.02 / math.sqrt(2 * len(part.blocks))
+            for name, param in part.blocks.named_parameters():
                 if name.endswith(("out_proj.weight", "mlp.2.weight")):
                     nn.init.normal_(param, std=std)
-        # Patch embedding: LeCun normal (JAX ViT), so pixel content starts on the same scale as
-        # the position embedding instead of far below a fixed sin-cos one.
-        patch = self.encoder.patch_embed.proj.weight
-        nn.init.trunc_normal_(patch, std=patch[0].numel() ** -0.5)
-        for pos in (self.encoder.pos_embed, self.decoder.pos_embed):
-            if isinstance(pos, nn.Parameter):
-                nn.init.trunc_normal_(pos, std=0.02)
+        if isinstance(self.encoder, VisionEncoder):
+            self.encoder.reset_stem()
+        for part in ours:
+            if isinstance(part.pos_embed, nn.Parameter):
+                nn.init.trunc_normal_(part.pos_embed, std=0.02)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -85,15 +94,42 @@ class CaptionerModel(nn.Module):
         token_padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Images (B, C, H, W) and input tokens (B, T) -> next-token logits (B, T, vocab)."""
-        memory, _ = self.encoder(images)
-        return self.decoder(tokens, memory, token_padding_mask).logits
+        return self.decoder(tokens, self.encode(images)[0], token_padding_mask).logits
+
+    @property
+    def image_prefix_tokens(self) -> int:
+        """Prefix tokens ahead of the patches in what the decoder reads (its image attention)."""
+        return self.encoder.num_prefix_tokens if self.encoder.reads_prefix else 0
+
+    @property
+    def image_tokens(self) -> int:
+        """Image tokens the decoder reads: the patches, after any prefix ones it reads."""
+        rows, cols = self.encoder.grid_size
+        return self.image_prefix_tokens + rows * cols
+
+    def encode(
+        self, images: torch.Tensor, need_weights: bool = False
+    ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """Images (B, C, H, W) -> the image tokens the decoder reads (B, S, Dimg) and, with
+        `need_weights`, the encoder's own attention per layer."""
+        memory, weights = self.encoder(images, need_weights=need_weights)
+        cut = self.encoder.num_prefix_tokens - self.image_prefix_tokens
+        return memory[:, cut:], weights
 
     def features(
-        self, images: torch.Tensor, tokens: torch.Tensor, need_weights: bool = False
+        self,
+        images: torch.Tensor | None,
+        tokens: torch.Tensor,
+        need_weights: bool = False,
+        memory: torch.Tensor | None = None,
     ) -> DecoderStates:
         """The decoder's states (B, T, D) for input tokens (B, T) and, with `need_weights`,
-        its attention: what a loss fused with the output projection (`output_weight`) takes."""
-        memory, _ = self.encoder(images)
+        its attention: what a loss fused with the output projection (`output_weight`) takes.
+        `memory`: image tokens already encoded (`encode`, or a feature store) instead of
+        `images`."""
+        if memory is None:
+            assert images is not None
+            memory = self.encode(images)[0]
         return self.decoder.features(tokens, Reading(memory, need_weights=need_weights))
 
     @property
@@ -108,7 +144,7 @@ class CaptionerModel(nn.Module):
         token_padding_mask: torch.Tensor | None = None,
     ) -> CaptionerOutput:
         """Same logits through the explicit attention path, with every attention map."""
-        memory, enc_weights = self.encoder(images, need_weights=True)
+        memory, enc_weights = self.encode(images, need_weights=True)
         out = self.decoder(tokens, memory, token_padding_mask, need_weights=True)
         assert enc_weights is not None and out.self_attention is not None
         assert out.image_attention is not None
@@ -117,7 +153,7 @@ class CaptionerModel(nn.Module):
     def attention_flops(self, words: int, cached: bool = True) -> dict[str, int]:
         """FLOPs of every attention product for one image and a caption of `words` positions
         (see `CaptionDecoder.attention_flops`): the cost side of a fusion comparison."""
-        decoder = self.decoder.attention_flops(self.encoder.num_tokens, words, cached)
+        decoder = self.decoder.attention_flops(self.image_tokens, words, cached)
         return {
             "encoder": self.encoder.attention_flops(),
             "decoder_self": decoder.self_attention,

@@ -1,32 +1,38 @@
 """The architecture of a captioner, as plain dataclasses saved in every checkpoint.
 
 A captioner is an image encoder and a caption decoder; each part's config names its kind
-(`kind: vit`, `kind: cross` | `prefix`), which `captioner.models.build` looks up, so a
-checkpoint rebuilds any variant without Hydra and without naming code. Field names are the
+(`kind: vit` | `resnet` | `timm` | `open_clip`, `kind: cross` | `prefix`), which
+`captioner.models.captioner` looks up, so a checkpoint rebuilds any variant without Hydra and
+without naming code. Field names are the
 keys under `model.`, `model.encoder.` and `model.decoder.` in the Hydra config, so an error
 can name them.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+import re
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from captioner.errors import ConfigError
 from captioner.values import is_finite, is_int, key_name, short
 
-ENCODER_KINDS = ("vit",)
 DECODER_KINDS = ("cross", "prefix")
+# Keyword arguments a checkpoint may pass to a library's model constructor must not name a
+# file, a download or compiled code: these words mark the ones that could.
+_UNSAFE_KWARGS = ("pretrained", "checkpoint", "path", "file", "url", "cache", "jit", "hub")
 
 
 @dataclass
 class EncoderConfig:
-    """The image encoder: `vit`, a ViT over non-overlapping patches."""
+    """The image encoder: `vit`, a ViT over non-overlapping patches, trained from scratch."""
 
     kind: str = "vit"  # which encoder: vit
     image_size: tuple[int, int] = (64, 64)  # (height, width) of the input image in pixels
     patch_size: int = 8  # side of a square patch; the image must tile exactly
     in_channels: int = 3  # colour channels of the input image
+    stem: str = "patch"  # "patch": one linear map per patch; "conv": 3x3 stride-2 convolutions
     pos_embed: str = "learned"  # positions: "learned", "sincos" (fixed 2-D) or "rope" (2-D axial)
     dim: int = 192  # width of the tokens
     depth: int = 12  # number of blocks (self-attention -> MLP)
@@ -38,12 +44,74 @@ class EncoderConfig:
     def label(self) -> str:
         """What differs from multi-head attention with added positions, for tables."""
         rope = ["2-D RoPE"] if self.pos_embed == "rope" else []
-        return ", ".join(_grouping(self.heads, self.kv_heads) + rope)
+        stem = ["conv stem"] if self.stem == "conv" else []
+        return ", ".join(stem + _grouping(self.heads, self.kv_heads) + rope)
 
     @property
     def grid_size(self) -> tuple[int, int]:
         """Patch grid (rows, columns); row 0 is the top of the image."""
         return (self.image_size[0] // self.patch_size, self.image_size[1] // self.patch_size)
+
+    def without_downloads(self) -> EncoderConfig:
+        return self
+
+
+@dataclass
+class ResNetEncoderConfig:
+    """`resnet`: a torchvision ResNet's last feature map, one token per cell (the grid
+    features of Show, Attend and Tell); no download unless `pretrained` is set."""
+
+    kind: str = "resnet"
+    image_size: tuple[int, int] = (224, 224)  # (height, width) of the input image in pixels
+    name: str = "resnet18"  # a torchvision ResNet: resnet18, resnet34, resnet50, ...
+    stages: int = 4  # residual stages kept: 4 -> one token per 32 px; 3 -> per 16 px; 2 -> 8
+    pretrained: bool = False  # torchvision's ImageNet weights (downloaded on first use)
+    weights: str | None = None  # a local weights file (.pth, .bin or .safetensors) instead
+
+    in_channels = 3
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} grid, {self.stages} stages"
+
+    def without_downloads(self) -> ResNetEncoderConfig:
+        """The architecture alone: what a checkpoint, holding every weight, rebuilds."""
+        return replace(self, pretrained=False, weights=None)
+
+
+@dataclass
+class BackboneEncoderConfig:
+    """`timm`: any timm ViT (`name`, e.g. vit_small_patch16_224.augreg_in21k); `open_clip`: the
+    visual tower of an OpenCLIP model (`name`, e.g. ViT-B-16, with `pretrained` a tag such as
+    openai). Either library builds the architecture; the weights come from the library
+    (`pretrained`, a download), a local file (`weights`) or stay random."""
+
+    kind: str = "timm"  # which library: timm or open_clip
+    image_size: tuple[int, int] = (224, 224)  # (height, width) of the input image in pixels
+    name: str = "vit_small_patch16_224"  # the library's model name
+    pretrained: bool | str = False  # timm: true downloads; open_clip: a tag (openai, laion2b_...)
+    weights: str | None = None  # a local weights file (.safetensors, .pth or .bin) instead
+    read_prefix_tokens: bool = False  # the decoder reads the CLS/register tokens too
+    kwargs: dict[str, Any] | None = None  # more arguments for the library's constructor
+
+    in_channels = 3
+
+    @property
+    def label(self) -> str:
+        library = {"timm": "timm", "open_clip": "OpenCLIP"}.get(self.kind, self.kind)
+        return f"{library} {self.name}" + (", reads prefix tokens" * self.read_prefix_tokens)
+
+    def without_downloads(self) -> BackboneEncoderConfig:
+        """The architecture alone: what a checkpoint, holding every weight, rebuilds."""
+        return replace(self, pretrained=False, weights=None)
+
+
+AnyEncoderConfig = EncoderConfig | ResNetEncoderConfig | BackboneEncoderConfig
+ENCODER_CONFIGS: dict[str, type[AnyEncoderConfig]] = {
+    "vit": EncoderConfig, "resnet": ResNetEncoderConfig,
+    "timm": BackboneEncoderConfig, "open_clip": BackboneEncoderConfig,
+}  # fmt: skip
+ENCODER_KINDS = tuple(ENCODER_CONFIGS)
 
 
 @dataclass
@@ -84,7 +152,7 @@ class CaptionerConfig:
     vocab_size: int  # size of the word vocabulary, taken from the tokenizer
     max_len: int = 32  # longest token sequence, <bos> and <eos> included
     dropout: float = 0.0  # dropout after attention and in the MLPs, in both parts
-    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    encoder: AnyEncoderConfig = field(default_factory=EncoderConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
 
     def __post_init__(self) -> None:
@@ -100,9 +168,10 @@ class CaptionerConfig:
         encoder = self.encoder.label
         return f"{self.decoder.label} (encoder: {encoder})" if encoder else self.decoder.label
 
-    @property
-    def grid_size(self) -> tuple[int, int]:
-        return self.encoder.grid_size
+    def without_downloads(self) -> CaptionerConfig:
+        """This architecture with the encoder's pretrained weights switched off: what a
+        checkpoint rebuilds offline before its own weights go in."""
+        return replace(self, encoder=self.encoder.without_downloads())
 
     def validate(self) -> None:
         """Fail early, naming the key to change, instead of deep inside torch."""
@@ -131,10 +200,15 @@ class CaptionerConfig:
         if "vocab_size" not in top:
             raise ConfigError("model.vocab_size is missing.")
         parts = {}
-        for name, part in (("encoder", EncoderConfig), ("decoder", DecoderConfig)):
+        for name in ("encoder", "decoder"):
             given = values.get(name, {})
             if not isinstance(given, dict):
                 raise ConfigError(f"model.{name} must be a mapping, got {short(given)}.")
+            part: type = DecoderConfig
+            if name == "encoder":
+                kind = given.get("kind", "vit")
+                _one_of(kind, ENCODER_KINDS, "model.encoder.kind")
+                part = ENCODER_CONFIGS[kind]
             parts[name] = part(**_known(given, part, f"model.{name}"))
         return cls(**top, **parts)
 
@@ -222,7 +296,7 @@ def _one_of(value: Any, choices: tuple[str, ...], key: str) -> None:
         raise ConfigError(f"{key} must be one of {list(choices)}, got {short(value)}.")
 
 
-def _check_encoder(config: EncoderConfig) -> None:
+def _check_encoder(config: AnyEncoderConfig) -> None:
     _one_of(config.kind, ENCODER_KINDS, "model.encoder.kind")
     size = config.image_size
     if is_int(size):
@@ -232,17 +306,115 @@ def _check_encoder(config: EncoderConfig) -> None:
             f"data.image_size must be a positive int or [height, width], got {short(size)}."
         )
     config.image_size = tuple(size)  # type: ignore[assignment]
-    _positive(config, ("patch_size", "in_channels"), "model.encoder")
-    _check_width(config, "model.encoder")
     if min(config.image_size) <= 0:
         raise ConfigError(f"data.image_size must be positive, got {list(config.image_size)}.")
-    for side, name in zip(config.image_size, ("height", "width"), strict=True):
-        if side % config.patch_size:
+    if isinstance(config, ResNetEncoderConfig):
+        _check_resnet(config)
+    elif isinstance(config, BackboneEncoderConfig):
+        _check_backbone(config)
+    else:
+        _check_vit(config)
+
+
+def check_tiling(image_size: tuple[int, int], patch_size: int, key: str) -> None:
+    """Every pixel in exactly one patch: attention over patches maps back to the image."""
+    for side, name in zip(image_size, ("height", "width"), strict=True):
+        if side % patch_size:
             raise ConfigError(
-                f"image {name} {side} is not divisible by model.encoder.patch_size="
-                f"{config.patch_size}: choose a patch size that divides data.image_size="
-                f"{list(config.image_size)}."
+                f"image {name} {side} is not divisible by {key}={patch_size}: choose a data."
+                f"image_size ({list(image_size)} now) that is a multiple of it."
             )
+
+
+def _check_resnet(config: ResNetEncoderConfig) -> None:
+    if not (isinstance(config.name, str) and re.fullmatch(r"(wide_)?res\w+", config.name)):
+        raise ConfigError(
+            f"model.encoder.name must name a torchvision ResNet (resnet18, resnet50, "
+            f"wide_resnet50_2, resnext50_32x4d, ...), got {short(config.name)}."
+        )
+    if not (is_int(config.stages) and 1 <= config.stages <= 4):
+        raise ConfigError(f"model.encoder.stages must be 1 to 4, got {short(config.stages)}.")
+    check_tiling(config.image_size, 4 * 2 ** (config.stages - 1), "the ResNet's stride")
+    _check_source(config)
+
+
+def _check_backbone(config: BackboneEncoderConfig) -> None:
+    if not (isinstance(config.name, str) and re.fullmatch(r"[\w.\-/]{1,200}", config.name)):
+        raise ConfigError(f"model.encoder.name must be a model name, got {short(config.name)}.")
+    if not isinstance(config.read_prefix_tokens, bool):
+        raise ConfigError(
+            f"model.encoder.read_prefix_tokens must be true or false, got "
+            f"{short(config.read_prefix_tokens)}."
+        )
+    kwargs = config.kwargs = config.kwargs or {}
+    if not isinstance(kwargs, dict) or not all(
+        isinstance(k, str) and k.isidentifier() and _plain(v) for k, v in kwargs.items()
+    ):
+        raise ConfigError(
+            "model.encoder.kwargs must map argument names to numbers (integers up to 65536), "
+            f"strings, booleans or lists of them, got {short(kwargs)}."
+        )
+    unsafe = sorted(k for k in _keys(kwargs) if any(word in k.lower() for word in _UNSAFE_KWARGS))
+    if unsafe:
+        raise ConfigError(
+            f"model.encoder.kwargs may not set {', '.join(unsafe)}: weights come from "
+            "model.encoder.pretrained or model.encoder.weights."
+        )
+    _check_source(config)
+
+
+def _plain(value: Any, depth: int = 0) -> bool:
+    """Numbers, strings, booleans, and lists or mappings of them (a library's nested config);
+    integers up to 65536, so that no value read from a checkpoint builds millions of blocks."""
+    if depth > 4:
+        return False
+    if isinstance(value, dict):
+        return len(value) <= 64 and all(
+            isinstance(k, str) and _plain(v, depth + 1) for k, v in value.items()
+        )
+    if isinstance(value, list | tuple):
+        return len(value) <= 64 and all(_plain(v, depth + 1) for v in value)
+    if is_int(value) and not isinstance(value, bool):
+        return abs(value) <= 1 << 16
+    return value is None or isinstance(value, bool | str) or is_finite(value)
+
+
+def _keys(mapping: dict[str, Any]) -> Iterator[str]:
+    for key, value in mapping.items():
+        yield key
+        if isinstance(value, dict):
+            yield from _keys(value)
+
+
+def _check_source(config: ResNetEncoderConfig | BackboneEncoderConfig) -> None:
+    """Where the starting weights come from: the library (`pretrained`) or a file."""
+    tag = isinstance(config.pretrained, str) and config.kind == "open_clip"
+    if not (isinstance(config.pretrained, bool) or tag):
+        what = "a tag such as openai" if config.kind == "open_clip" else "true or false"
+        raise ConfigError(
+            f"model.encoder.pretrained must be {what}, got {short(config.pretrained)}."
+        )
+    if config.weights is not None and not isinstance(config.weights, str):
+        raise ConfigError(
+            f"model.encoder.weights must be a file path, got {short(config.weights)}."
+        )
+    if config.weights is not None and config.pretrained:
+        raise ConfigError(
+            "model.encoder.pretrained and model.encoder.weights both name starting weights: "
+            "keep one (weights=PATH for a local file)."
+        )
+
+
+def _check_vit(config: EncoderConfig) -> None:
+    _positive(config, ("patch_size", "in_channels"), "model.encoder")
+    _check_width(config, "model.encoder")
+    _one_of(config.stem, ("patch", "conv"), "model.encoder.stem")
+    if config.stem == "conv" and config.patch_size & (config.patch_size - 1):
+        raise ConfigError(
+            f"model.encoder.stem=conv halves the image per convolution: model.encoder."
+            f"patch_size must be a power of 2, got {config.patch_size}."
+        )
+    check_tiling(config.image_size, config.patch_size, "model.encoder.patch_size")
     _one_of(config.pos_embed, ("learned", "sincos", "rope"), "model.encoder.pos_embed")
     if config.pos_embed == "rope":
         _check_rope(config, "model.encoder", axes=2)

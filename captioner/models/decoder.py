@@ -69,9 +69,9 @@ class DecoderStates:
 class CaptionDecoder(nn.Module):
     """Word + position embeddings, a stack of blocks (the subclass's), final norm, output
     tied to the word embedding. Subclasses provide `_read`, `init_cache`, `image_layers` and
-    `attention_flops`."""
+    `attention_flops`. `memory_dim` is the width of the image tokens it reads."""
 
-    def __init__(self, config: CaptionerConfig) -> None:
+    def __init__(self, config: CaptionerConfig, memory_dim: int) -> None:
         super().__init__()
         dim = config.decoder.dim
         self.max_len = config.max_len
@@ -177,12 +177,12 @@ class CaptionDecoder(nn.Module):
 class CrossAttentionDecoder(CaptionDecoder):
     """Blocks of causal self-attention -> cross-attention to the image -> MLP."""
 
-    def __init__(self, config: CaptionerConfig) -> None:
-        super().__init__(config)
+    def __init__(self, config: CaptionerConfig, memory_dim: int) -> None:
+        super().__init__(config, memory_dim)
         every = config.decoder.cross_every
         self.blocks = nn.ModuleList(
             DecoderBlock(
-                config.decoder.dim, config.decoder.heads, config.encoder.dim,
+                config.decoder.dim, config.decoder.heads, memory_dim,
                 config.decoder.mlp_ratio, config.dropout, reads_image=i % every == 0,
                 gated=every > 1, kv_heads=config.decoder.kv_heads,
             )
@@ -227,10 +227,10 @@ class PrefixDecoder(CaptionDecoder):
     """Decoder-only: [image positions; word positions] through self-attention blocks under a
     prefix-LM mask."""
 
-    def __init__(self, config: CaptionerConfig) -> None:
-        super().__init__(config)
+    def __init__(self, config: CaptionerConfig, memory_dim: int) -> None:
+        super().__init__(config, memory_dim)
         dim = config.decoder.dim
-        self.image_proj = nn.Linear(config.encoder.dim, dim)
+        self.image_proj = nn.Linear(memory_dim, dim)
         self.blocks = nn.ModuleList(
             Block(
                 dim, config.decoder.heads, config.decoder.mlp_ratio, config.dropout,

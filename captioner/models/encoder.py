@@ -1,15 +1,23 @@
 """Image encoders: what turns an image into tokens a caption decoder reads.
 
-`ImageEncoder` is the interface everything else uses: its output tokens, and how they map
-back to the image (`grid_size`, `patch_size`, `num_prefix_tokens`). `VisionEncoder` is the
-ViT one: patches -> bidirectional transformer -> one token per patch.
+`ImageEncoder` is the interface everything else uses: its output tokens, how they map back
+to the image (`grid_size`, `patch_size`, `num_prefix_tokens`), and what fine-tuning needs
+(`stages`, `freeze`, `layer_ids`, `no_weight_decay`, `preprocessing`). `VisionEncoder` is the
+ViT one, trained from scratch: patches (or a convolutional stem) -> bidirectional transformer
+-> one token per patch. `captioner.models.backbones` holds the encoders built by libraries.
 """
 
 from __future__ import annotations
 
+import math
+import re
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 from torch import nn
 
+from captioner.errors import ConfigError
 from captioner.models.blocks import Block
 from captioner.models.config import EncoderConfig
 from captioner.models.rotary import Rotation, rotation
@@ -43,6 +51,56 @@ class PatchEmbed(nn.Module):
         return x.flatten(2).transpose(1, 2)  # (B, grid_h * grid_w, D), row-major
 
 
+class ConvStem(nn.Module):
+    """Early convolutions instead of one linear map per patch (Xiao et al., 2021): 3x3
+    stride-2 convolutions with batch norm and ReLU, each halving the image and doubling the
+    channels up to `dim`, then a 1x1 convolution to `dim`. Their locality is a prior a ViT
+    otherwise has to learn from data, which small training sets do not hold."""
+
+    def __init__(self, patch_size: int, in_channels: int, dim: int) -> None:
+        super().__init__()
+        steps = int(math.log2(patch_size))
+        layers: list[nn.Module] = []
+        channels = in_channels
+        for i in range(steps):
+            width = max(16, dim >> (steps - 1 - i))
+            layers += [
+                nn.Conv2d(channels, width, 3, stride=2, padding=1, bias=False),
+                nn.BatchNorm2d(width),
+                nn.ReLU(inplace=True),
+            ]
+            channels = width
+        layers.append(nn.Conv2d(channels, dim, 1))
+        self.proj = nn.Sequential(*layers)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.proj(images)  # (B, D, grid_h, grid_w)
+        return x.flatten(2).transpose(1, 2)  # (B, grid_h * grid_w, D), row-major
+
+    def reset_parameters(self) -> None:
+        """He initialisation for the ReLU convolutions; LeCun for the last, linear one."""
+        *convs, last = [m for m in self.proj if isinstance(m, nn.Conv2d)]
+        for conv in convs:
+            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+        nn.init.trunc_normal_(last.weight, std=last.weight[0].numel() ** -0.5)
+
+
+def parse_freeze(value: Any) -> int | None:
+    """`model.encoder.freeze`: "none" -> None (train everything), "all" -> 0 blocks trained,
+    "last_n=N" (or "last_N", easier to type on a command line) -> the last N blocks trained."""
+    if value in ("none", None, False):
+        return None
+    if value in ("all", True):
+        return 0
+    match = re.fullmatch(r"last_(?:n=)?(\d+)", str(value))
+    if match is None or int(match[1]) < 1:
+        raise ConfigError(
+            f"model.encoder.freeze must be all, none or last_n=N (N >= 1; on a command line "
+            f"also last_N), got {value!r}."
+        )
+    return int(match[1])
+
+
 class ImageEncoder(nn.Module):
     """An image (B, C, H, W) -> tokens (B, num_prefix_tokens + grid_h * grid_w, dim): first the
     prefix tokens (CLS, registers), then one per patch in row-major order, row 0 at the top.
@@ -56,6 +114,8 @@ class ImageEncoder(nn.Module):
     grid_size: tuple[int, int]  # patch rows, columns
     patch_size: int  # pixels a side of one patch
     num_prefix_tokens: int  # tokens before the patches
+    from_scratch = True  # initialised by `CaptionerModel`; False: the library's weights stay
+    reads_prefix = False  # whether the decoder reads the prefix tokens too
 
     @property
     def num_tokens(self) -> int:
@@ -70,12 +130,65 @@ class ImageEncoder(nn.Module):
         """FLOPs of the attention products (Q K^T and weights x V) for one image."""
         raise NotImplementedError
 
+    def stages(self) -> Sequence[nn.Module]:
+        """The repeated blocks, input to output: what `freeze` and layer-wise learning-rate
+        decay count."""
+        raise NotImplementedError
+
+    def preprocessing(self) -> dict[str, Any] | None:
+        """The pixel statistics and interpolation the weights were trained with (`mean`,
+        `std`, `interpolation`), or None where the data's own apply (trained from scratch)."""
+        return None
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names (within the encoder) never decayed besides vectors: positions and
+        learned tokens, which weight decay would pull towards zero for no gain."""
+        return {name for name, _ in self.named_parameters() if name.endswith("pos_embed")}
+
+    def layer_ids(self) -> dict[str, int]:
+        """Each parameter's depth: 0 before the first block (embeddings, positions, prefix
+        tokens), i + 1 in block i, len(stages) + 1 after the last (final norm); what
+        `freeze` and layer-wise decay use. Parameters are registered input first, which
+        places those outside the blocks."""
+        owner = {id(p): i + 1 for i, stage in enumerate(self.stages()) for p in stage.parameters()}
+        ids, seen_block = {}, 0
+        for name, param in self.named_parameters():
+            seen_block = owner.get(id(param), seen_block and len(self.stages()) + 1)
+            ids[name] = seen_block
+        return ids
+
+    def freeze(self, spec: Any) -> None:
+        """Stop gradients to all of the encoder (`all`), or all but its last N blocks and what
+        follows them (`last_n=N`). Frozen parts also stay in eval mode (`train`): no dropout,
+        no batch-norm statistics updated, so they compute exactly what they were given."""
+        trained = parse_freeze(spec)
+        if trained is None:
+            return
+        depth = len(self.stages())
+        if trained > depth:
+            raise ConfigError(
+                f"model.encoder.freeze=last_n={trained}, but the encoder has {depth} blocks."
+            )
+        ids = self.layer_ids()
+        for name, param in self.named_parameters():
+            param.requires_grad_(trained > 0 and ids[name] > depth - trained)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> ImageEncoder:
+        super().train(mode)
+        if mode:
+            for module in self.modules():
+                params = list(module.parameters())
+                if params and not any(p.requires_grad for p in params):
+                    module.eval()
+        return self
+
 
 class VisionEncoder(ImageEncoder):
     """The ViT encoder (`model/encoder=vit`): learned or fixed 2-D sin-cos positions added to
     the patches, or 2-D axial rotary positions in every attention (`rope`: half of each
     head's channels turn with the patch's row, half with its column); no prefix token (every
-    output token is a patch)."""
+    output token is a patch). `stem: conv` embeds the patches with `ConvStem`."""
 
     num_prefix_tokens = 0
 
@@ -85,7 +198,8 @@ class VisionEncoder(ImageEncoder):
         self.grid_size = config.grid_size
         self.patch_size = config.patch_size
         self.dim = dim = config.dim
-        self.patch_embed = PatchEmbed(config.patch_size, config.in_channels, dim)
+        stem = ConvStem if config.stem == "conv" else PatchEmbed
+        self.patch_embed = stem(config.patch_size, config.in_channels, dim)
         num_patches = self.grid_size[0] * self.grid_size[1]
         rope = None
         if config.pos_embed == "learned":
@@ -132,3 +246,15 @@ class VisionEncoder(ImageEncoder):
 
     def attention_flops(self) -> int:
         return len(self.blocks) * 4 * self.num_tokens**2 * self.dim
+
+    def stages(self) -> Sequence[nn.Module]:
+        return self.blocks
+
+    def reset_stem(self) -> None:
+        """Patch embedding: LeCun normal (JAX ViT), so pixel content starts on the same scale
+        as the position embedding instead of far below a fixed sin-cos one."""
+        if isinstance(self.patch_embed, ConvStem):
+            self.patch_embed.reset_parameters()
+        else:
+            weight = self.patch_embed.proj.weight
+            nn.init.trunc_normal_(weight, std=weight[0].numel() ** -0.5)

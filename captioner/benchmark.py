@@ -8,10 +8,12 @@ Hugging Face baseline (`captioner.baseline`) gets the same inputs, batch and thr
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Hashable
@@ -673,7 +675,8 @@ def feature_cache_speed(
     runs = []
     for name, cached in (("live", False), ("cached", True)):
         cfg = compose_config("train", [*common, f"data.cache_features={cached}"], folder / name)
-        metrics, objects = train(cfg)
+        with contextlib.redirect_stdout(sys.stderr):  # stdout is the benchmark's report
+            metrics, objects = train(cfg)
         runs.append((metrics, objects["datamodule"]))
     (live, _), (cached_run, data) = runs
     store, build = data.features, data.feature_seconds

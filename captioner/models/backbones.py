@@ -46,7 +46,7 @@ def read_weights(path: str) -> dict[str, torch.Tensor]:
     if not file.is_file():
         raise ConfigError(f"model.encoder.weights={path}: no such file.")
     try:
-        if file.read_bytes()[:1] == b"{" or file.suffix == ".safetensors":
+        if file.suffix == ".safetensors":
             from safetensors.torch import load_file
 
             state = load_file(file)
@@ -95,9 +95,6 @@ class _LibraryEncoder(ImageEncoder):
     def no_weight_decay(self) -> set[str]:
         names = getattr(self.model, "no_weight_decay", lambda: set())()
         return {f"model.{name}" for name in names}
-
-    def attention_flops(self) -> int:
-        return len(self.stages()) * 4 * self.num_tokens**2 * self.dim
 
 
 class ResNetEncoder(_LibraryEncoder):

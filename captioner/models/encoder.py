@@ -127,8 +127,9 @@ class ImageEncoder(nn.Module):
         raise NotImplementedError
 
     def attention_flops(self) -> int:
-        """FLOPs of the attention products (Q K^T and weights x V) for one image."""
-        raise NotImplementedError
+        """FLOPs of the attention products (Q K^T and weights x V) for one image: every block
+        attends over every token."""
+        return len(self.stages()) * 4 * self.num_tokens**2 * self.dim
 
     def stages(self) -> Sequence[nn.Module]:
         """The repeated blocks, input to output: what `freeze` and layer-wise learning-rate
@@ -243,9 +244,6 @@ class VisionEncoder(ImageEncoder):
             x, w = block(x, need_weights, rope=rope)
             weights.append(w)
         return self.norm(x), (weights if need_weights else None)
-
-    def attention_flops(self) -> int:
-        return len(self.blocks) * 4 * self.num_tokens**2 * self.dim
 
     def stages(self) -> Sequence[nn.Module]:
         return self.blocks

@@ -7,6 +7,7 @@ import io
 import math
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import pytest
 import torch
@@ -28,7 +29,7 @@ from captioner.viz import (
     select_attention,
     word_overlays,
 )
-from captioner.viz.overlay import as_rgb
+from captioner.viz.overlay import ALPHA, CMAP, as_rgb
 
 # (grid, image size): square, non-square with 16 px patches, non-square with fractional patches
 LAYOUTS = [((4, 4), (64, 64)), ((3, 5), (48, 80)), ((3, 5), (50, 70))]
@@ -200,7 +201,8 @@ def test_gif_has_one_frame_per_word_even_when_attention_repeats(tmp_path: Path, 
     count, (width, height), frames = gif_frames(path)
     assert count == len(words)
     scale = width // size[1]
-    assert width == scale * size[1] and min(size) * scale >= 256  # enlarged by a whole factor
+    assert width == scale * size[1]  # enlarged by a whole factor, towards 256 px within 320
+    assert scale == min(math.ceil(256 / min(size)), 320 // max(size))
     assert height > size[0] * scale  # the caption band below the image
     for frame, peak in zip(frames, peaks, strict=True):  # each frame shows its own word's heat
         brightness = frame[: size[0] * scale, : size[1] * scale].sum(axis=-1)
@@ -211,7 +213,7 @@ def test_gif_writes_the_caption_so_far_under_each_frame(tmp_path: Path) -> None:
     words = ["a", "small", "red", "circle", "<eos>"]
     attention = peaked_cross((2, 3), [(0, 0)] * len(words))
     _, _, frames = gif_frames(save_gif(tmp_path / "c.gif", rgb_image((32, 48)), attention, words))
-    image_height = 32 * math.ceil(256 / 32)
+    image_height = 32 * (320 // 48)  # enlarged 6 times: 9 would reach 256 px, but pass 320
     # bright pixels in the text band, above the 4-pixel progress bar
     ink = [int((frame[image_height:-4].max(axis=-1) > 100).sum()) for frame in frames]
     assert ink == sorted(ink) and len(set(ink)) == len(words)  # one more word on each frame
@@ -230,6 +232,73 @@ def test_word_functions_refuse_words_that_do_not_match_the_attention(tmp_path: P
         save_gif(tmp_path / "x.gif", rgb_image((8, 8)), attention, ["one"])
     with pytest.raises(ValueError, match="words"):
         word_overlays(rgb_image((8, 8)), attention, ["a", "b", "c"])
+    with pytest.raises(ValueError, match="words"):
+        head_grid(rgb_image((8, 8)), attention, ["a", "b", "c"], 0)
+
+
+def far_corner(size: tuple[int, int], grid: tuple[int, int]) -> tuple[slice, slice]:
+    """The pixels of the bottom-right patch, which a one-hot map on patch (0, 0) never reaches
+    even after bilinear upsampling (grids of 3 or more patches a side)."""
+    return slice(size[0] - size[0] // grid[0], size[0]), slice(
+        size[1] - size[1] // grid[1], size[1]
+    )
+
+
+def test_blend_leaves_pixels_nobody_looks_at_as_they_were() -> None:
+    pixels = as_rgb(rgb_image((8, 10)))
+    heat = np.zeros((8, 10))
+    heat[:, 5:] = np.linspace(0.1, 1.0, 5)  # attention on the right half only
+    blended = blend_heatmap(pixels, heat, vmax=1.0, alpha=0.8)
+    np.testing.assert_array_equal(blended[:, :5], pixels[:, :5])
+    assert np.abs(blended[:, 5:] - pixels[:, 5:]).min(axis=-1).max() > 0
+    top = matplotlib.colormaps[CMAP](1.0)[:3]  # the largest weight: the colormap's top colour
+    np.testing.assert_allclose(blended[:, -1], 0.2 * pixels[:, -1] + 0.8 * np.array(top))
+
+
+@pytest.mark.parametrize(("grid", "size"), LAYOUTS)
+def test_word_overlays_show_the_plain_image_a_panel_per_word_and_a_colour_bar(grid, size) -> None:
+    words = ["a", "red", "square"]
+    image = rgb_image(size)
+    fig = word_overlays(image, peaked_cross(grid, [(0, 0)] * len(words)), words)
+    panels = image_axes(fig)
+    assert [ax.get_title() for ax in panels] == ["image", *words]
+    np.testing.assert_array_equal(panels[0].get_images()[0].get_array(), as_rgb(image))
+    word = panels[1].get_images()[0].get_array()
+    corner = far_corner(size, grid)  # no attention there: the image as it was
+    np.testing.assert_array_equal(word[corner], as_rgb(image)[corner])
+    assert_lights_block(np.abs(word - as_rgb(image)).sum(axis=-1), (0, 0), grid)
+    (bar,) = [ax for ax in fig.axes if ax.get_ylabel() == "attention weight"]
+    assert bar.get_ylim() == pytest.approx((0.0, 1.0))  # one-hot maps: weights up to 1
+    assert png_bytes(fig) > 0
+
+
+def test_gif_frames_leave_pixels_nobody_looks_at_as_they_were(tmp_path: Path) -> None:
+    grid, size, grey = (4, 4), (64, 64), 150
+    image = np.full((*size, 3), grey, dtype=np.uint8)
+    path = save_gif(tmp_path / "c.gif", image, peaked_cross(grid, [(0, 0)] * 2), ["a", "b"])
+    scale = 256 // 64
+    corner = far_corner((size[0] * scale, size[1] * scale), grid)
+    for frame in gif_frames(path)[2]:
+        assert np.abs(frame[corner] - grey).max() <= 2  # GIF palettes round a little
+        assert np.abs(frame[:scale, :scale] - grey).max() > 50  # the looked-at patch is tinted
+
+
+@pytest.mark.parametrize(
+    ("size", "max_side"), [((480, 640), 320), ((640, 480), 320), ((480, 640), 200)]
+)
+def test_gif_of_a_photo_keeps_frames_within_max_side_and_the_file_small(
+    tmp_path: Path, size: tuple[int, int], max_side: int
+) -> None:
+    """A noisy photo-sized image: the worst case for GIF compression."""
+    words = ["a", "dog", "on", "grass", "<eos>"]
+    attention = random_attention(2, 2, len(words), 12).unflatten(-1, (3, 4))
+    kwargs = {} if max_side == 320 else {"max_side": max_side}
+    path = save_gif(tmp_path / "photo.gif", rgb_image(size), attention, words, **kwargs)
+    with Image.open(path) as gif:
+        width, height = gif.size
+    assert width == round(size[1] * max_side / max(size))  # shrunk, aspect kept
+    assert height < round(size[0] * max_side / max(size)) + 100  # the image and a caption band
+    assert path.stat().st_size < 600_000  # 2.3 MB when frames kept all 640 pixels
 
 
 @pytest.mark.parametrize(("grid", "size"), LAYOUTS)
@@ -237,12 +306,12 @@ def test_head_grid_has_a_panel_per_layer_and_head_plus_mean(grid, size) -> None:
     layers, heads = 3, 2
     attention = random_attention(layers, heads, 4, grid[0] * grid[1]).unflatten(-1, grid)
     image = rgb_image(size)
-    fig = head_grid(image, attention, 2, "cat")
+    fig = head_grid(image, attention, ["a", "black", "cat", "<eos>"], 2)
     panels = image_axes(fig)
     assert len(panels) == layers * (heads + 1)
     assert [ax.get_title() for ax in panels[: heads + 1]] == ["head 0", "head 1", "mean"]
     heat = attention_to_pixels(attention[:, :, 2], size)  # (layers, heads, H, W)
-    mean = blend_heatmap(as_rgb(image), heat.mean(axis=1)[1], heat.max(), 0.55)
+    mean = blend_heatmap(as_rgb(image), heat.mean(axis=1)[1], heat.max(), ALPHA)
     np.testing.assert_allclose(
         panels[2 * (heads + 1) - 1].get_images()[0].get_array(), mean, atol=1e-5
     )
@@ -252,6 +321,25 @@ def test_head_grid_has_a_panel_per_layer_and_head_plus_mean(grid, size) -> None:
         "layer 2",
     ]
     assert png_bytes(fig) > 0
+
+
+@pytest.mark.parametrize(
+    ("word", "title"),
+    [(2, 'word 2 "cat"'), ("cat", 'word 2 "cat"'), (np.int64(2), 'word 2 "cat"'),
+     (-1, 'word 3 "<eos>"'), ("a", 'word 0 "a"')],
+)  # fmt: skip
+def test_head_grid_title_names_the_word_shown(word: int | str, title: str) -> None:
+    words = ["a", "black", "cat", "<eos>"]
+    attention = random_attention(2, 2, len(words), 6).unflatten(-1, (2, 3))
+    fig = head_grid(rgb_image((20, 30)), attention, words, word)
+    assert fig.get_suptitle().startswith(f"image attention of {title}:")
+
+
+@pytest.mark.parametrize("word", [4, -5, "dog"])
+def test_head_grid_refuses_a_word_not_in_the_caption(word: int | str) -> None:
+    attention = random_attention(1, 1, 4, 6).unflatten(-1, (2, 3))
+    with pytest.raises(ValueError, match="caption"):
+        head_grid(rgb_image((20, 30)), attention, ["a", "black", "cat", "<eos>"], word)
 
 
 @pytest.mark.parametrize("prefix", [0, 1])
@@ -311,7 +399,7 @@ def test_figures_from_a_real_model(tiny_model: CaptionerModel, tmp_path: Path) -
     pixels = image[0].permute(1, 2, 0).numpy()  # (H, W, 3) floats
     figures = [
         word_overlays(pixels, cross, words),
-        head_grid(pixels, cross, 1, words[1]),
+        head_grid(pixels, cross, words, 1),
         attention_matrices(words, cross, causal, encoder, num_prefix_tokens=prefix),
         encoder_attention_from_patch(pixels, encoder, (3, 5), grid, num_prefix_tokens=prefix),
         rollout_overlay(pixels, encoder, grid, num_prefix_tokens=prefix),

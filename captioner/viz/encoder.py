@@ -13,6 +13,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from captioner.viz.overlay import (
+    ALPHA,
     ImageLike,
     add_colorbar,
     as_rgb,
@@ -93,7 +94,7 @@ def encoder_attention_from_patch(
     layer: int | None = None,
     head: int | None = None,
     num_prefix_tokens: int = 0,
-    alpha: float = 0.55,
+    alpha: float = ALPHA,
 ) -> Figure:
     """Where one query patch (outlined) looks in the encoder: its row of self-attention
     over the image, to see whether the encoder mixes nearby or related regions."""
@@ -107,7 +108,7 @@ def encoder_attention_from_patch(
     ax = fig.subplots()
     draw_overlay(ax, pixels, heat, top, alpha)
     outline_patch(ax, patch, grid, pixels.shape[:2])
-    add_colorbar(fig, ax, top)
+    add_colorbar(fig, ax, top, alpha)
     title = f"encoder attention from patch {tuple(patch)}\n({describe_selection(layer, head)})"
     if num_prefix_tokens:
         title += f"; {1.0 - float(maps.sum()):.0%} on prefix tokens"

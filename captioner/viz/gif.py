@@ -9,9 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 from captioner.viz.overlay import (
+    ALPHA,
     ImageLike,
     as_rgb,
     attention_to_pixels,
@@ -74,6 +76,27 @@ def _frame(
     return frame
 
 
+def fit_pixels(pixels: np.ndarray, min_side: int, max_side: int) -> np.ndarray:
+    """RGB floats (H, W, 3) at the size a frame shows them: shrunk (antialiased) until the
+    longer side is `max_side`, since a GIF stores every frame's pixels again; or, when small,
+    enlarged by a whole factor (nearest-neighbour, so pixels stay crisp) until the shorter side
+    is at least `min_side`, as long as the longer stays within `max_side`."""
+    height, width = pixels.shape[:2]
+    longest = max(height, width)
+    if longest > max_side:
+        size = (
+            max(1, round(height * max_side / longest)),
+            max(1, round(width * max_side / longest)),
+        )
+        image = torch.from_numpy(pixels).permute(2, 0, 1)[None]  # (1, 3, H, W)
+        image = F.interpolate(
+            image, size=size, mode="bilinear", antialias=True, align_corners=False
+        )
+        return image[0].permute(1, 2, 0).clamp(0.0, 1.0).numpy()  # (h, w, 3)
+    scale = max(1, min(math.ceil(min_side / min(height, width)), max_side // longest))
+    return pixels.repeat(scale, axis=0).repeat(scale, axis=1)  # (H * s, W * s, 3)
+
+
 def save_gif(
     path: str | Path,
     image: ImageLike,
@@ -83,25 +106,21 @@ def save_gif(
     layer: int | None = None,
     head: int | None = None,
     duration_ms: int = 700,
-    alpha: float = 0.55,
+    alpha: float = ALPHA,
     min_side: int = 256,
-    max_side: int = 2048,
+    max_side: int = 320,
 ) -> Path:
     """Write a looping GIF with exactly one frame per word and return its path.
 
     `attention` is `Caption.image_attention` (layers, heads, T, grid_h, grid_w), `layer` and
-    `head` pick one or None averages. Small images are enlarged by a whole factor
-    (nearest-neighbour, so pixels stay crisp) until the shorter side is at least `min_side`,
-    as long as the longer stays within `max_side` (a 1 x 20,000 strip is not blown up to
-    gigabytes); the heat-map is computed at that size. All frames share one colour scale, as in
-    `word_overlays`.
+    `head` pick one or None averages. The image is brought to at most `max_side` pixels on its
+    longer side (a photo's frames would take megabytes), small ones enlarged towards
+    `min_side` (`fit_pixels`), and the heat-map computed at that size. All frames share one
+    colour scale, as in `word_overlays`.
     """
-    pixels = as_rgb(image)
-    scale = min(math.ceil(min_side / min(pixels.shape[:2])), max_side // max(pixels.shape[:2]))
-    scale = max(1, scale)
-    pixels = pixels.repeat(scale, axis=0).repeat(scale, axis=1)  # (H * s, W * s, 3)
+    pixels = fit_pixels(as_rgb(image), min_side, max_side)  # (h, w, 3)
     heat = attention_to_pixels(word_maps(attention, words, layer, head), pixels.shape[:2])
-    top = shared_max(heat)  # heat: (T, H * s, W * s)
+    top = shared_max(heat)  # heat: (T, h, w)
     font = _font(max(12, pixels.shape[1] // 20))
     places, band = _layout(words, font, pixels.shape[1])
     frames = [

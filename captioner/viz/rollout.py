@@ -8,6 +8,7 @@ from matplotlib.figure import Figure
 
 from captioner.viz.encoder import outline_patch, query_map
 from captioner.viz.overlay import (
+    ALPHA,
     ImageLike,
     add_colorbar,
     as_rgb,
@@ -64,7 +65,7 @@ def rollout_overlay(
     num_prefix_tokens: int = 0,
     residual: float = 0.5,
     head_fusion: str = "mean",
-    alpha: float = 0.55,
+    alpha: float = ALPHA,
 ) -> Figure:
     """Rolled-out attention next to the last layer's raw attention (mean of heads), both for
     the same query, to show what the whole encoder mixes versus what its top layer sees.
@@ -96,7 +97,7 @@ def rollout_overlay(
         draw_overlay(ax, pixels, heat, shared_max(heat), alpha)
         if patch is not None:
             outline_patch(ax, patch, grid, pixels.shape[:2])
-        add_colorbar(fig, ax, shared_max(heat))
+        add_colorbar(fig, ax, shared_max(heat), alpha)
         ax.set_title(title, fontsize=9)
     fig.suptitle(f"encoder attention from {query}", fontsize=10)
     return fig

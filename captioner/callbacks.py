@@ -1,5 +1,5 @@
-"""Lightning callbacks: a look at where the model's words fall on validation images, and a
-checkpoint when the job is told to stop."""
+"""Lightning callbacks: a look at where the model's words fall on validation images, a
+checkpoint when the job is told to stop, and a console without numbers no one can act on."""
 
 from __future__ import annotations
 
@@ -12,11 +12,55 @@ from typing import Any
 
 import torch
 from lightning import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import RichModelSummary, RichProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.model_summary import get_human_readable_count
+from rich.console import Console
+from rich.table import Table
 
 from captioner.data.transforms import ImagePreprocess
 from captioner.errors import Preempted
 from captioner.inference import Captioner
+
+
+class ModelSummary(RichModelSummary):
+    """Lightning's summary table without its FLOPs column and total, which read 0 unless a
+    model is given an example input to trace."""
+
+    @staticmethod
+    def summarize(
+        summary_data: list[tuple[str, list[str]]],
+        total_parameters: int,
+        trainable_parameters: int,
+        model_size: float,
+        total_training_modes: dict[str, int],
+        total_flops: int = 0,
+        **summarize_kwargs: Any,
+    ) -> None:
+        columns = {name: values for name, values in summary_data if name != "FLOPs"}
+        table = Table(header_style="bold magenta")
+        for name in columns:
+            table.add_column(name or " ", justify="right" if name == "Params" else "left")
+        for row in zip(*columns.values(), strict=True):
+            table.add_row(*row)
+        console = Console()
+        console.print(table)
+        frozen = total_parameters - trainable_parameters
+        console.print(
+            f"{get_human_readable_count(trainable_parameters).strip()} trainable parameters, "
+            f"{get_human_readable_count(frozen).strip()} frozen, {model_size:.1f} MB",
+            highlight=False,
+        )
+
+
+class ProgressBar(RichProgressBar):
+    """Lightning's rich progress bar without `v_num`, the logger's version number, which
+    says nothing about training."""
+
+    def get_metrics(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return metrics
 
 
 class AttentionSamples(Callback):

@@ -13,12 +13,16 @@ checkpoint at all, the architecture's values have their types and fit the weight
 are finite floating-point tensors, the vocabulary and preprocessing are well formed, and the
 recorded data config names a known data kind with typed fields (`captioner.data.stored`).
 Every failure is a `CheckpointError` naming the file and the field.
+
+Wherever a checkpoint is expected, a training run folder stands for its `checkpoints/last.ckpt`
+(`resolve_checkpoint`), and the file read is named, since a folder does not say which it is.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import pickle
 import pickletools
@@ -44,9 +48,12 @@ from captioner.errors import CheckpointError, ConfigError, UnsafeCheckpointError
 from captioner.models import CaptionerConfig, CaptionerModel
 from captioner.values import is_int, short
 
+log = logging.getLogger(__name__)
+
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "captioner.json"
 FORMAT_VERSION = 1
+LAST = Path("checkpoints", "last.ckpt")  # in a training run folder: the checkpoint to resume
 REQUIRED = ("config", "tokenizer", "preprocess")
 TEMPORARY_SUFFIX = ".tmp"  # a checkpoint being written: `.<name>.ckpt.<random>.tmp`
 _PATH_KEYS = ("best_model_path", "last_model_path", "kth_best_model_path")
@@ -422,11 +429,35 @@ def _load_export(weights: Path) -> CheckpointContents:
     return _contents(meta, state, weights, "export")
 
 
-def load_checkpoint(path: str | Path) -> CheckpointContents:
-    """Read a `.ckpt` file, an export folder or its `model.safetensors`; nothing in it runs."""
+def resolve_checkpoint(path: str | Path) -> tuple[Path, str | None]:
+    """The file or export folder that `path` stands for, and a one-line note naming the file
+    read when that is not `path` itself (else None), for the caller to show: a training run
+    folder, or its `checkpoints/` folder, stands for its `last.ckpt`, the checkpoint training
+    resumes from. Anything else is returned as given, for the reader to judge; a folder that is
+    neither an export nor a run is a `CheckpointError` naming what was looked for."""
     path = Path(path)
+    if not path.is_dir() or any((path / name).exists() for name in (WEIGHTS_NAME, CONFIG_NAME)):
+        return path, None  # a file, a missing path or an export folder: read as it is
+    for last, kind in ((path / LAST, "training run"), (path / LAST.name, "checkpoint")):
+        if last.is_file():
+            return last, f"{path} is a {kind} folder: reading {last}"
+    held = sorted(p.relative_to(path) for p in (*path.glob("*.ckpt"), *path.glob("*/*.ckpt")))
+    found = f" (it holds {', '.join(map(str, held[:3]))}: give one as a file)" if held else ""
+    raise CheckpointError(
+        f"{path}: neither a training run folder (no {LAST}) nor an export folder (no "
+        f"{WEIGHTS_NAME}){found}; give a run folder or .ckpt of scripts/train.py, or a folder "
+        "of scripts/export.py."
+    )
+
+
+def load_checkpoint(path: str | Path) -> CheckpointContents:
+    """Read a `.ckpt` file, a training run folder (its `checkpoints/last.ckpt`, logged), an
+    export folder or its `model.safetensors`; nothing in it runs."""
+    path, note = resolve_checkpoint(path)
+    if note is not None:
+        log.info(note)
     if not path.exists():
-        raise CheckpointError(f"{path}: no such checkpoint file or export folder.")
+        raise CheckpointError(f"{path}: no such checkpoint file, run folder or export folder.")
     if path.is_dir():
         return _load_export(path / WEIGHTS_NAME)
     if path.suffix == ".safetensors" or (path.is_file() and _is_safetensors(_head(path))):
@@ -451,6 +482,14 @@ def load_trusted_pickle(path: str | Path) -> CheckpointContents:
     return _from_lightning(ckpt, path)
 
 
+def _readable_as_usual(path: str | Path) -> None:
+    """Give a file written through a private temporary the mode `open()` gives a new file
+    (0o666 less the umask), so that whoever shares the folder can read it as any other."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def _head(path: Path) -> bytes:
     with path.open("rb") as file:
         return file.read(16)
@@ -471,6 +510,7 @@ def export(contents: CheckpointContents, out_dir: str | Path) -> tuple[Path, Pat
         save_file(state, written[weights], metadata={"format": "pt"})
         written[config].write_text(json.dumps(contents.metadata(), indent=2) + "\n")
         for path, temporary in written.items():
+            _readable_as_usual(temporary)  # meant for sharing: safetensors writes 0600
             os.replace(temporary, path)
     except (OSError, SafetensorError) as err:
         raise ConfigError(f"{out_dir}: the export cannot be written there ({err}).") from None
@@ -517,9 +557,7 @@ class SafeCheckpointIO(TorchCheckpointIO):
                 torch.save(checkpoint, file)
                 file.flush()
                 os.fsync(file.fileno())
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(temporary, 0o666 & ~umask)  # what open() would have given, not mkstemp's 0600
+            _readable_as_usual(temporary)  # not mkstemp's 0600
             os.replace(temporary, path)
         except BaseException:
             Path(temporary).unlink(missing_ok=True)

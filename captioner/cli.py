@@ -5,33 +5,42 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NoReturn
 
 from rich.console import Console
 from rich.table import Table
 
 from captioner.errors import CheckpointError, ConfigError, DataError, TrainingError
 
+KINDS = (
+    (ConfigError, "config error"), (CheckpointError, "checkpoint error"),
+    (DataError, "data error"), (TrainingError, "training error"),
+)  # fmt: skip
+
 
 @contextmanager
-def user_errors() -> Iterator[None]:
-    """Turn the errors a user can fix into one line on stderr and exit status 2."""
+def user_errors(log_file: Path | None = None) -> Iterator[None]:
+    """Turn the errors a user can fix into one line on stderr (and at the end of the run's
+    `log_file`) and exit status 2."""
     try:
         yield
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except CheckpointError as err:
-        print(f"checkpoint error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except DataError as err:
-        print(f"data error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except TrainingError as err:
-        print(f"training error: {err}", file=sys.stderr)
+    except tuple(kind for kind, _ in KINDS) as err:
+        line = next(f"{name}: {err}" for kind, name in KINDS if isinstance(err, kind))
+        print(line, file=sys.stderr)
+        if log_file is not None:
+            with open(log_file, "a") as log:
+                log.write(line + "\n")
         sys.exit(getattr(err, "exit_status", 2))
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument error in one line naming the option, not the whole usage first."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def at_least(minimum: int) -> Callable[[str], int]:
@@ -54,13 +63,37 @@ def finite(text: str) -> float:
     return value
 
 
-def print_metrics(metrics: dict[str, float], path: Path) -> None:
-    """The metrics as a table, then where they were written."""
-    table = Table(title="final metrics")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for name, value in sorted(metrics.items()):
-        table.add_row(name, f"{value:.4f}")
-    console = Console()
-    console.print(table)
-    console.print(f"metrics written to {path}")
+HEADLINE = (
+    "scene_acc", "CIDEr", "BLEU-4", "METEOR", "ROUGE-L", "grounding/pointing_acc",
+    "grounding/mass", "loss",
+)  # fmt: skip
+TOTALS = {
+    "train/steps": "steps", "train/seconds": "s training", "train/images_per_s": "images/s",
+    "model/params": "parameters", "data/skipped_samples": "bad samples skipped",
+}  # fmt: skip
+
+
+def print_metrics(
+    metrics: dict[str, float], path: Path, log_file: Path | None = None, after: Sequence[str] = ()
+) -> None:
+    """The headline metrics, one row per split, then where all of them were written and the
+    lines in `after`; the same text is appended to the run's `log_file`."""
+    splits = sorted({k.split("/")[0] for k in metrics if k.split("/", 1)[-1] in HEADLINE})
+    columns = [m for m in HEADLINE if any(f"{s}/{m}" in metrics for s in splits)]
+    table = Table(title="headline metrics")
+    table.add_column("split")
+    for name in columns:
+        table.add_column(name.removeprefix("grounding/"), justify="right")
+    for split in splits:
+        values = (metrics.get(f"{split}/{m}") for m in columns)
+        table.add_row(split, *("" if v is None else f"{v:.4f}" for v in values))
+    totals = ", ".join(f"{metrics[k]:,.6g} {name}" for k, name in TOTALS.items() if k in metrics)
+    console = Console(record=True)
+    if splits:
+        console.print(table)
+    lines = [totals] if totals else []
+    for line in [*lines, f"all {len(metrics)} metrics written to {path}", *after]:
+        console.print(line, highlight=False, soft_wrap=True)  # a path stays on one line
+    if log_file is not None:
+        with open(log_file, "a") as log:
+            log.write(console.export_text())

@@ -11,6 +11,7 @@ reference that the cached path is tested against.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -37,8 +38,11 @@ class DecodingOptions:
     top_p: float = 1.0  # sampling: only among the most likely words holding this much mass
     use_cache: bool = True  # False recomputes the whole prefix each step (a reference)
 
-    def resolve_max_length(self, config: CaptionerConfig) -> int:
-        """Check every field, naming the key to fix; returns the number of steps to run."""
+    def resolve_max_length(
+        self, config: CaptionerConfig, name: Callable[[str], str] = "decoding.{}".format
+    ) -> int:
+        """Check every field, naming the one to fix as `name(field)` (a command line names its
+        flags, not the config's keys); returns the number of steps to run."""
         vocab_size = config.vocab_size
         longest = config.max_len - 1  # the model saw <bos> + at most max_len - 1 targets
         max_length = longest if self.max_length is None else self.max_length
@@ -58,7 +62,7 @@ class DecodingOptions:
             (
                 _finite(self.temperature) and self.temperature > 0,
                 "temperature",
-                "a finite number > 0 (use do_sample=false for greedy)",
+                f"a finite number > 0 (for greedy decoding, turn {name('do_sample')} off)",
             ),
             (
                 _finite(self.length_penalty) and abs(self.length_penalty) <= 100,
@@ -75,7 +79,7 @@ class DecodingOptions:
             (
                 not (self.do_sample and self.beam_size > 1),
                 "do_sample",
-                "false when beam_size > 1 (sampling draws one caption per image)",
+                f"false when {name('beam_size')} > 1 (sampling draws one caption per image)",
             ),
             (
                 2 * self.beam_size + 3 <= vocab_size,
@@ -85,7 +89,7 @@ class DecodingOptions:
         ]
         for ok, key, rule in checks:
             if not ok:
-                raise ConfigError(f"decoding.{key} must be {rule}, got {getattr(self, key)!r}.")
+                raise ConfigError(f"{name(key)} must be {rule}, got {getattr(self, key)!r}.")
         return max_length
 
 

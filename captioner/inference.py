@@ -78,8 +78,9 @@ class Captioner:
         device: str | torch.device = "cpu",
         dtype: str | torch.dtype = torch.float32,
     ) -> Captioner:
-        """Load a `.ckpt` from `scripts/train.py` or a folder from `scripts/export.py`, its
-        weights cast to `dtype` (torch.bfloat16 or "bf16" for fast decoding).
+        """Load a `.ckpt` or a run folder (its `checkpoints/last.ckpt`) from `scripts/train.py`
+        or a folder from `scripts/export.py`, its weights cast to `dtype` (torch.bfloat16 or
+        "bf16" for fast decoding).
 
         Nothing stored in the file is executed: see `captioner.checkpoint`.
         """

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from lightning import LightningModule
+from lightning.pytorch.utilities import rank_zero_only
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
@@ -38,12 +39,26 @@ warnings.filterwarnings("ignore", r".*module\(s\) in eval mode at the start of t
 def warmup_cosine_schedule(
     optimizer: Optimizer, total_steps: int, warmup_steps: int = 100, min_lr_ratio: float = 0.05
 ) -> LambdaLR:
-    """Linear warm-up to the base learning rate, then cosine decay to `min_lr_ratio` of it."""
+    """Linear warm-up to the base learning rate, then cosine decay to `min_lr_ratio` of it.
+
+    A warm-up longer than a quarter of the run would leave it at a fraction of its learning
+    rate and never decay (a 30-step run with 200 warm-up steps learns one caption for every
+    image): it is cut to a tenth of the run, and the log says so.
+    """
     if warmup_steps < 0 or not 0.0 <= min_lr_ratio <= 1.0:
         raise ConfigError(
             "model.scheduler needs warmup_steps >= 0 and 0 <= min_lr_ratio <= 1, "
             f"got {warmup_steps} and {min_lr_ratio}."
         )
+    if warmup_steps > total_steps / 4:
+        shorter = max(1, total_steps // 10)
+        if rank_zero_only.rank == 0:
+            log.warning(
+                "model.scheduler.warmup_steps=%d is over a quarter of this run's %d steps: "
+                "warming up over %d instead",
+                warmup_steps, total_steps, shorter,
+            )  # fmt: skip
+        warmup_steps = shorter
 
     def factor(step: int) -> float:
         if step < warmup_steps:
@@ -186,6 +201,11 @@ class CaptionerLitModule(LightningModule):
         # split; set by `tasks.train` (a dict with `_target_` cannot pass through instantiate).
         self.data_config: dict[str, Any] | None = None
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        if optimizer is not None:  # a value the optimizer refuses is named now, not after setup
+            try:
+                optimizer(params=[torch.nn.Parameter(torch.zeros(1))])
+            except (ValueError, TypeError) as err:
+                raise ConfigError(f"model.optimizer: {err}") from None
         self.label_smoothing = label_smoothing
         self.attention_supervision = attention_supervision
         self.nonfinite = nonfinite

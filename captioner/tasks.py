@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import time
+import typing
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -18,8 +20,8 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
-from hydra.utils import instantiate
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from hydra.utils import get_object, instantiate
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -27,13 +29,20 @@ from omegaconf.errors import MissingMandatoryValue
 from torch.utils.data import DataLoader
 
 from captioner.callbacks import StoredFeatures
-from captioner.checkpoint import CheckpointContents, load_checkpoint, remove_stale_temporaries
+from captioner.checkpoint import (
+    CheckpointContents,
+    load_checkpoint,
+    remove_stale_temporaries,
+    resolve_checkpoint,
+)
 from captioner.data import ImagePreprocess, Tokenizer, split_words
 from captioner.data.policy import BAD, BadSample
 from captioner.data.stored import record_data_config
 from captioner.errors import CheckpointError, ConfigError, DataError, Preempted, TrainingError
 from captioner.lit_module import CaptionerLitModule
+from captioner.metrics import check_java
 from captioner.models import CaptionerConfig
+from captioner.values import is_int, short
 
 log = logging.getLogger(__name__)
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -43,6 +52,19 @@ warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*treespec, LeafSpec.*")  # Lightning internals on new torch
 # The datamodule keeps its place in the data in every checkpoint (`CaptionDataModule.state_dict`)
 warnings.filterwarnings("ignore", ".*your dataloader is not resumable.*")
+
+
+class _Unactionable(logging.Filter):
+    """Lightning's start-up lines that no user of this package can act on."""
+
+    NOISE = ("💡 Tip", "Trainer already configured with model summary callbacks")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.NOISE)
+
+
+for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+    logging.getLogger(_name).addFilter(_Unactionable())
 
 
 def compose_config(
@@ -62,6 +84,7 @@ def compose_config(
 def _instantiate(node: DictConfig, **kwargs: Any) -> Any:
     """Like `hydra.utils.instantiate`, but a `ConfigError` reaches the user unwrapped, and
     objects receive plain lists and dicts (checkpoints must not pickle OmegaConf objects)."""
+    _check_types(node)
     try:
         return instantiate(node, _convert_="all", **kwargs)
     except MissingMandatoryValue as err:
@@ -71,7 +94,63 @@ def _instantiate(node: DictConfig, **kwargs: Any) -> Any:
     except InstantiationException as err:
         if isinstance(err.__cause__, ConfigError | DataError):
             raise err.__cause__ from None
+        if isinstance(err.__cause__, ValueError | TypeError):  # the class refused a value
+            line = next(iter(str(err.__cause__).splitlines()), "")
+            raise ConfigError(f"{_key(node)}: {line}") from None
         raise
+
+
+def _key(node: DictConfig) -> str:
+    return node._get_full_key(None) or "the config"
+
+
+def _check_types(node: DictConfig) -> None:
+    """A value of the wrong kind (`trainer.max_steps=abc`) is named now, with the kind its class
+    takes, rather than failing in the middle of a run, or never."""
+    try:
+        target = get_object(node._target_)
+        signature = inspect.signature(target)
+        hints = typing.get_type_hints(target.__init__ if inspect.isclass(target) else target)
+    except Exception:  # no `_target_`, or hints that cannot be resolved: nothing to check
+        return
+    for name in signature.parameters:
+        if name not in node or name not in hints or OmegaConf.is_missing(node, name):
+            continue
+        value = OmegaConf.to_container(node, resolve=True)[name]
+        allowed = _allowed(hints[name], value)
+        if allowed is not None:
+            raise ConfigError(f"{_key(node)}.{name}={short(value)}: must be {allowed}.")
+
+
+_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _allowed(hint: Any, value: Any) -> str | None:
+    """None if `value` fits the plain parts of `hint` (bool, int, float, str, None, Literal),
+    else what would fit. Hints with other parts (lists, classes) are left to the class."""
+    options = (
+        typing.get_args(hint)
+        if typing.get_origin(hint) in (typing.Union, type(int | None))
+        else (hint,)
+    )
+    literals = [
+        v for o in options if typing.get_origin(o) is typing.Literal for v in typing.get_args(o)
+    ]
+    kinds = [o for o in options if o in _KINDS or o is type(None)]
+    if len(kinds) + sum(typing.get_origin(o) is typing.Literal for o in options) < len(options):
+        return None
+    fits = (
+        value in literals
+        or (value is None and type(None) in kinds)
+        or (isinstance(value, bool) and bool in kinds)
+        or (is_int(value) and (int in kinds or float in kinds))
+        or (isinstance(value, float) and float in kinds)
+        or (isinstance(value, str) and str in kinds)
+    )
+    if fits:
+        return None
+    names = [_KINDS[k] for k in kinds if k in _KINDS] + [short(v) for v in literals[:12]]
+    return " or ".join(names) + (" or null" if type(None) in kinds else "")
 
 
 def _instantiate_group(group: DictConfig | None) -> list[Any]:
@@ -103,7 +182,17 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     `${paths.output_dir}/metrics.json`. Under DDP every process runs this and returns the
     same metrics; rank 0 alone writes the files.
     """
+    seed = cfg.get("seed")
+    if seed is not None and not is_int(seed):
+        raise ConfigError(f"seed={short(seed)}: must be an integer, or null for no seeding.")
+    if cfg.get("test", True) or OmegaConf.select(cfg, "trainer.limit_val_batches") != 0:
+        check_java(
+            "validation and test score captions with it; to train without scoring, add "
+            "test=false trainer.limit_val_batches=0"
+        )
     callbacks = _instantiate_group(cfg.get("callbacks"))
+    if not cfg.get("logger"):  # the learning rate has nowhere to go: not an error
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     folders = _checkpoint_folders(callbacks)
     ckpt_path = _resume_from(cfg.get("ckpt_path"), folders)  # checked before anything runs
     resumed = None if ckpt_path is None else _resumable(ckpt_path)
@@ -191,9 +280,18 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     metrics_path = _write_json(cfg, "metrics.json", dict(sorted(metrics.items())), trainer)
     objects = {
         "cfg": cfg, "datamodule": datamodule, "model": model, "trainer": trainer,
-        "metrics_path": metrics_path,
+        "metrics_path": metrics_path, "checkpoint": _written_checkpoint(trainer, folders),
     }  # fmt: skip
     return metrics, objects
+
+
+def _written_checkpoint(trainer: L.Trainer, folders: list[Path]) -> Path | None:
+    """The run's best checkpoint, else its newest `last.ckpt`: what to caption and score with."""
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    if best and Path(best).is_file():
+        return Path(best)
+    found = [folder / "last.ckpt" for folder in folders if (folder / "last.ckpt").is_file()]
+    return max(found, key=lambda path: path.stat().st_mtime) if found else None
 
 
 def _checkpoint_folders(callbacks: list[Any]) -> list[Path]:
@@ -208,11 +306,15 @@ def _resume_from(ckpt_path: str | None, folders: list[Path]) -> Path | None:
     if not ckpt_path:
         return None
     if str(ckpt_path) != "last":
-        path = Path(ckpt_path)
+        path, note = resolve_checkpoint(ckpt_path)  # a run folder: its last.ckpt
+        if note is not None:
+            log.info(note)
+        if path.is_dir():
+            return path  # an export folder: `_resumable` says why training cannot go on from it
         if not path.is_file():
             raise ConfigError(
-                f"ckpt_path={ckpt_path}: no such checkpoint file; give the path of a .ckpt, "
-                "or ckpt_path=last to resume the run in hydra.run.dir."
+                f"ckpt_path={ckpt_path}: no such checkpoint file; give the path of a .ckpt or "
+                "a run folder, or ckpt_path=last to resume the run in hydra.run.dir."
             )
         return path
     found = [folder / "last.ckpt" for folder in folders if (folder / "last.ckpt").is_file()]
@@ -369,8 +471,11 @@ def _eval_datamodule(cfg: DictConfig, contents: CheckpointContents) -> Any:
     on, rebuilt from its record, never instantiated from it; image size and caption length
     always follow the model."""
     model = {"image_size": list(contents.config.image_size), "max_len": contents.config.max_len}
-    if cfg.get("data") is None:
-        return contents.datamodule(**model)
+    if (
+        cfg.get("data") is None or "_target_" not in cfg.data
+    ):  # +data.key=...: the recorded one, changed
+        changes = OmegaConf.to_container(cfg.data, resolve=True) if cfg.get("data") else {}
+        return contents.datamodule(**changes, **model)
     with open_dict(cfg):  # in place, so interpolations (${paths.root_dir}) still resolve
         cfg.data.merge_with(model)
     return _instantiate(cfg.data)
@@ -386,9 +491,10 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         ckpt_path = cfg.ckpt_path
     except MissingMandatoryValue:
         raise ConfigError(
-            "ckpt_path is required: python scripts/eval.py ckpt_path=PATH (a .ckpt from "
-            "scripts/train.py or a folder from scripts/export.py)."
+            "a checkpoint is required: python scripts/eval.py --ckpt PATH (a .ckpt from "
+            "scripts/train.py, its run folder, or a folder from scripts/export.py)."
         ) from None
+    check_java("the scores are computed with it")
     contents = load_checkpoint(ckpt_path)
     datamodule = _eval_datamodule(cfg, contents)
     tokenizer = Tokenizer.from_dict(contents.tokenizer)
@@ -437,14 +543,18 @@ def validate_data(cfg: DictConfig) -> tuple[dict[str, Any], Path]:
     if "on_bad_sample" in node:
         node.on_bad_sample = "skip"  # collect every bad entry instead of stopping at the first
     datamodule = _instantiate(node)
+    datamodule.bad_samples.quiet = True  # listed in the report, not logged as skipped
     splits: dict[str, dict[str, int]] = {}
     bad: list[BadSample] = []
     for split in datamodule.split_names():
+        dropped = len(datamodule.bad_samples.skipped)
         dataset = datamodule.dataset(split, scan=True)
         loader = DataLoader(
             dataset, batch_size=64, num_workers=datamodule.num_workers, collate_fn=list
         )
-        counts = splits.setdefault(split, {"samples": 0, "bad": 0, "long_captions": 0})
+        # entries dropped while reading the split's annotation file count as its bad ones
+        dropped = len(datamodule.bad_samples.skipped) - dropped
+        counts = splits.setdefault(split, {"samples": 0, "bad": dropped, "long_captions": 0})
         ids: dict[Any, str] = {}  # image id -> where it was first seen
         for samples in loader:
             for sample in samples:

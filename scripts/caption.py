@@ -18,45 +18,60 @@ import os
 import sys
 from pathlib import Path
 
-import torch
+from captioner.cli import OneLineParser, at_least, finite, user_errors
 
-from captioner.cli import at_least, finite, user_errors
-from captioner.data.tokenizer import escape
-from captioner.inference import DTYPES, Captioner, find_images
+# torch and the package's modules are imported once the arguments are read: `--help` and a
+# wrong option answer at once
+DTYPES = ("fp32", "bf16", "fp16")  # the names of `captioner.inference.DTYPES`
+
+
+def build_parser() -> OneLineParser:
+    """The options, each with its help; the parser is built without importing torch."""
+    parser = OneLineParser(description=__doc__.split("\n\n")[0])
+    add = parser.add_argument
+    add("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="files or folders")
+    add("--ckpt", required=True, metavar="PATH",
+        help="a .ckpt or a run folder of scripts/train.py (its checkpoints/last.ckpt), or a "
+        "folder of scripts/export.py")  # fmt: skip
+    add("--beam-size", type=at_least(1), metavar="N",
+        help="hypotheses kept per image; 1 is greedy (default 3, or 1 with --sample)")  # fmt: skip
+    add("--max-length", type=at_least(1), metavar="N",
+        help="most tokens a caption (default: the longest the model was trained on)")  # fmt: skip
+    add("--length-penalty", type=finite, default=1.0, metavar="X",
+        help="beams rank by log p / length ** X (default %(default)s)")  # fmt: skip
+    add("--sample", action="store_true", help="draw each word: one caption per image, no beams")
+    add("--temperature", type=finite, default=1.0, metavar="T",
+        help="sampling: < 1 is safer (default %(default)s)")  # fmt: skip
+    add("--top-k", type=at_least(0), default=0, metavar="K",
+        help="sampling: among the K likeliest words only (default %(default)s: all)")  # fmt: skip
+    add("--top-p", type=finite, default=1.0, metavar="P",
+        help="sampling: the likeliest words holding mass P (default %(default)s)")  # fmt: skip
+    add("--seed", type=int, metavar="N", help="makes --sample reproducible")
+    add("--batch-size", type=at_least(1), default=16, metavar="N",
+        help="images at a time (default %(default)s)")  # fmt: skip
+    add("--device", help="cpu, cuda, cuda:N or mps (default: cuda if any)")
+    add("--dtype", choices=DTYPES, default="fp32",
+        help="weights while decoding: bf16 is faster where decoding reads weights "
+        "(default %(default)s)")  # fmt: skip
+    add("--json", action="store_true", help="a JSON list on stdout")
+    add("--save-attention", type=Path, metavar="DIR",
+        help="per image: word overlays (.png), a GIF word by word, attention matrices")  # fmt: skip
+    return parser
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="files or folders")
-    parser.add_argument("--ckpt", required=True, help=".ckpt file or scripts/export.py folder")
-    parser.add_argument("--beam-size", type=at_least(1), default=3, help="1 is greedy (default 3)")
-    parser.add_argument(
-        "--max-length", type=at_least(1), default=None, help="most tokens a caption"
-    )
-    parser.add_argument(
-        "--length-penalty", type=finite, default=1.0, help="beams rank by log p / length ** this"
-    )
-    parser.add_argument("--sample", action="store_true", help="draw words (needs beam size 1)")
-    parser.add_argument("--temperature", type=finite, default=1.0, help="sampling: < 1 is safer")
-    parser.add_argument("--top-k", type=at_least(0), default=0, help="sampling: k likeliest words")
-    parser.add_argument("--top-p", type=finite, default=1.0, help="sampling: nucleus mass")
-    parser.add_argument("--seed", type=int, default=None, help="makes --sample reproducible")
-    parser.add_argument("--batch-size", type=at_least(1), default=16, help="images at a time")
-    parser.add_argument(
-        "--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda if any)"
-    )
-    parser.add_argument(
-        "--dtype", choices=list(DTYPES), default="fp32",
-        help="weights while decoding: bf16 is faster where decoding reads weights (default fp32)",
-    )  # fmt: skip
-    parser.add_argument("--json", action="store_true", help="a JSON list on stdout")
-    parser.add_argument(
-        "--save-attention",
-        type=Path,
-        metavar="DIR",
-        help="per image: word overlays (.png), a GIF word by word, attention matrices",
-    )
-    return parser.parse_args(argv)
+    """The options, with the beam size `--sample` implies: an explicit larger one is refused
+    rather than dropped."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.beam_size is None:
+        args.beam_size = 1 if args.sample else 3
+    elif args.sample and args.beam_size > 1:
+        parser.error(
+            f"--sample draws one caption per image, --beam-size {args.beam_size} keeps several "
+            "hypotheses: use --beam-size 1 with --sample, or leave --sample out"
+        )
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,37 +82,60 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
         return 1
     except OSError as err:  # the output cannot be written (a full disk, ...)
+        from captioner.data.tokenizer import escape
+
         print(f"error: {escape(str(err))}", file=sys.stderr)
         return 2
 
 
+def flag(field: str) -> str:
+    """The option that sets a decoding field, for errors to name what the user typed."""
+    return "--sample" if field == "do_sample" else f"--{field.replace('_', '-')}"
+
+
 def caption(args: argparse.Namespace) -> int:
+    """Caption every image found, printing as it goes; returns the exit status."""
+    import torch
+
+    from captioner.checkpoint import resolve_checkpoint
+    from captioner.data.tokenizer import escape
+    from captioner.generation import DecodingOptions
+    from captioner.inference import Captioner, find_images
+
     sys.stdout.reconfigure(errors="backslashreplace")  # a terminal that is not UTF-8
     files = find_images(args.inputs)
     if not files:
         print("error: no files found in the given inputs", file=sys.stderr)
         return 1
-    listed, failed, figures = [], 0, None
+    listed, failed, figures, saved = [], 0, None, 0
     with user_errors():
         if args.save_attention is not None:
             from captioner.viz import AttentionFolder  # matplotlib: only when asked for
 
             figures = AttentionFolder(args.save_attention)
+        ckpt, note = resolve_checkpoint(args.ckpt)
+        if note is not None:
+            print(escape(note), file=sys.stderr)
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        captioner = Captioner.from_checkpoint(args.ckpt, device=device, dtype=args.dtype)
+        captioner = Captioner.from_checkpoint(ckpt, device=device, dtype=args.dtype)
+        decoding = {
+            "beam_size": args.beam_size,
+            "max_length": args.max_length,
+            "length_penalty": args.length_penalty,
+            "do_sample": args.sample,
+            "temperature": args.temperature,
+            "top_k": args.top_k,
+            "top_p": args.top_p,
+        }
+        # checked before any image is read, a wrong value named by its flag
+        DecodingOptions(**decoding).resolve_max_length(captioner.model.config, name=flag)
         results = captioner.caption_files(
             files,
             batch_size=args.batch_size,
-            beam_size=1 if args.sample else args.beam_size,
-            max_length=args.max_length,
-            length_penalty=args.length_penalty,
-            do_sample=args.sample,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
             seed=args.seed,
             return_attention=figures is not None,
             return_encoder_attention=figures is not None,
+            **decoding,
         )
         for path, result, image in results:
             name = escape(str(path))
@@ -112,9 +150,17 @@ def caption(args: argparse.Namespace) -> int:
             if figures is not None:
                 try:
                     figures.save(path, image, result, captioner.model.encoder.num_prefix_tokens)
+                    saved += 1
                 except Exception as err:  # one image's figures never stop the run
                     print(f"error: {name}: figures not saved ({escape(str(err))})", file=sys.stderr)
                     failed += 1
+    if figures is not None:
+        print(
+            f"attention figures of {saved} image(s) written to {escape(str(figures.directory))} "
+            "(per image: <name>.png word overlays, <name>.gif word by word, "
+            "<name>_matrices.png)",
+            file=sys.stderr,
+        )
     if args.json:
         print(json.dumps(listed, indent=2, ensure_ascii=False))
     if failed:

@@ -1,28 +1,26 @@
-"""Score a checkpoint as papers do: python scripts/eval.py ckpt_path=PATH [key=value ...]."""
+"""Score a checkpoint as papers do: python scripts/eval.py --ckpt PATH [key=value ...].
+
+PATH is a .ckpt from scripts/train.py, its run folder (its checkpoints/last.ckpt is read) or
+a folder from scripts/export.py; `ckpt_path=PATH` works too. The test split of the data the
+checkpoint was trained on is captioned and scored; predictions.json, metrics.json and
+eval.log go to logs/eval/runs/<date>_<time>/.
+"""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
-import hydra
 from omegaconf import DictConfig
 
-ROOT = Path(__file__).resolve().parents[1]
-os.environ.setdefault("CAPTIONER_ROOT", str(ROOT))
-
-from captioner.cli import print_metrics, user_errors  # noqa: E402
-from captioner.tasks import evaluate  # noqa: E402
+from captioner.app import run, run_log
 
 
-@hydra.main(version_base="1.3", config_path=str(ROOT / "conf"), config_name="eval")
-def main(cfg: DictConfig) -> None:
-    with user_errors():
-        metrics, objects = evaluate(cfg)
-    for path in objects["prediction_paths"].values():
-        print(f"predictions written to {path}")
-    print_metrics(metrics, objects["metrics_path"])
+def evaluate(cfg: DictConfig) -> None:
+    from captioner.cli import print_metrics  # the package (torch) only once a run starts
+    from captioner.tasks import evaluate as score
+
+    metrics, objects = score(cfg)
+    after = [f"predictions written to {path}" for path in objects["prediction_paths"].values()]
+    print_metrics(metrics, objects["metrics_path"], run_log(), after)
 
 
 if __name__ == "__main__":
-    main()
+    run("eval", evaluate, __doc__)

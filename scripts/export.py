@@ -2,21 +2,26 @@
 
     python scripts/export.py --ckpt logs/train/runs/<run>/checkpoints/last.ckpt --out exported/
 
-The folder loads with `Captioner.from_checkpoint("exported/")` and `scripts/caption.py`.
+`--ckpt` also takes the run folder itself (its `checkpoints/last.ckpt` is read). The folder
+written loads with `Captioner.from_checkpoint("exported/")` and `scripts/caption.py`; its files
+get the usual permissions (the umask's), so those who share the folder can read them.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from captioner.checkpoint import export, load_checkpoint, load_trusted_pickle
-from captioner.cli import user_errors
+from captioner.cli import OneLineParser, user_errors
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ckpt", required=True, help="a .ckpt from scripts/train.py")
+    parser = OneLineParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--ckpt",
+        required=True,
+        metavar="PATH",
+        help="a .ckpt or a run folder (its checkpoints/last.ckpt) of scripts/train.py",
+    )
     parser.add_argument("--out", required=True, help="folder to write (created if needed)")
     parser.add_argument(
         "--trust-pickle",
@@ -25,9 +30,15 @@ def main(argv: list[str] | None = None) -> int:
         "code in it, so only for a file you trust. The export it writes is safe to share.",
     )
     args = parser.parse_args(argv)
+    # torch comes with the package's checkpoint module: after parsing, so --help answers at once
+    from captioner import checkpoint
+
     with user_errors():
-        read = load_trusted_pickle if args.trust_pickle else load_checkpoint
-        weights, config = export(read(args.ckpt), args.out)
+        ckpt, note = checkpoint.resolve_checkpoint(args.ckpt)
+        if note is not None:
+            print(note, file=sys.stderr)
+        read = checkpoint.load_trusted_pickle if args.trust_pickle else checkpoint.load_checkpoint
+        weights, config = checkpoint.export(read(ckpt), args.out)
     print(f"weights written to {weights}")
     print(f"config written to {config}")
     return 0

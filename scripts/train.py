@@ -1,27 +1,36 @@
-"""Train a captioner: python scripts/train.py experiment=shapes [key=value ...]."""
+"""Train a captioner: python scripts/train.py experiment=shapes_tiny [key=value ...].
+
+The run folder (logs/train/runs/<date>_<time>/) gets the checkpoints, train.log, the CSV log
+and metrics.json; the last lines printed say how to caption and score with the checkpoint.
+"""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
+import shlex
 
-import hydra
 from omegaconf import DictConfig
 
-ROOT = Path(__file__).resolve().parents[1]
-os.environ.setdefault("CAPTIONER_ROOT", str(ROOT))
-
-from captioner.cli import print_metrics, user_errors  # noqa: E402
-from captioner.tasks import train  # noqa: E402
+from captioner.app import run, run_log
 
 
-@hydra.main(version_base="1.3", config_path=str(ROOT / "conf"), config_name="train")
-def main(cfg: DictConfig) -> None:
-    with user_errors():
-        metrics, objects = train(cfg)
-    if objects["trainer"].is_global_zero:  # the other DDP processes return the same metrics
-        print_metrics(metrics, objects["metrics_path"])
+def train(cfg: DictConfig) -> None:
+    from captioner.cli import print_metrics  # the package (torch) only once a run starts
+    from captioner.tasks import train as fit
+
+    metrics, objects = fit(cfg)
+    if not objects["trainer"].is_global_zero:  # the other DDP processes return the same metrics
+        return
+    checkpoint = objects["checkpoint"]
+    after = ["no checkpoint was written (checkpointing is off)"]
+    if checkpoint is not None:
+        ckpt = shlex.quote(str(checkpoint))
+        after = [
+            f"checkpoint: {checkpoint}",
+            f"caption images: python scripts/caption.py --ckpt {ckpt} IMAGE_OR_DIR ...",
+            f"score it:       python scripts/eval.py --ckpt {ckpt}",
+        ]
+    print_metrics(metrics, objects["metrics_path"], run_log(), after)
 
 
 if __name__ == "__main__":
-    main()
+    run("train", train, __doc__)

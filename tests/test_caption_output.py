@@ -3,6 +3,7 @@ named, whatever words a vocabulary holds, and whatever options are given."""
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import io
 import json
@@ -21,7 +22,7 @@ from PIL import Image
 from captioner.data import ShapesWorld, load_image
 from captioner.errors import ConfigError
 from captioner.generation import DecodingOptions
-from captioner.inference import Captioner
+from captioner.inference import DTYPES, Captioner
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("caption_script", ROOT / "scripts" / "caption.py")
@@ -131,8 +132,15 @@ def call_main(*argv: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]
         (["--batch-size", "-1"], "argument --batch-size: must be >= 1, got -1"),
         (["--top-k", "x"], "argument --top-k: invalid integer value"),
         (["--device", "meta"], "device meta: captioner runs on cpu, cuda or mps"),
-        (["--length-penalty", "1e308"], "decoding.length_penalty must be a number in [-100"),
         (["--sample", "--seed", str(2**70)], "seed must be in [0, 2**63)"),
+        # a decoding value is named by the flag that sets it, not by its config key
+        (["--length-penalty", "1e308"], "--length-penalty must be a number in [-100"),
+        (["--sample", "--top-p", "1.5"], "--top-p must be in (0, 1], got 1.5"),
+        (["--sample", "--temperature", "0"], "--temperature must be a finite number > 0"),
+        (["--max-length", "50"], "--max-length must be between 1 and 31"),
+        (["--beam-size", "20"], "--beam-size must be at most"),
+        # beams are never dropped in silence for sampling
+        (["--sample", "--beam-size", "3"], "use --beam-size 1 with --sample, or leave --sample"),
     ],
 )
 def test_wrong_options_are_one_line_errors(
@@ -140,7 +148,63 @@ def test_wrong_options_are_one_line_errors(
 ) -> None:
     scene(0).save(tmp_path / "0.png")
     status, err = call_main("--ckpt", str(ckpt), *options, str(tmp_path / "0.png"), capsys=capsys)
-    assert status == 2 and message in err and "Traceback" not in err
+    assert status == 2 and message in err and err.count("\n") == 1, err
+    assert "decoding." not in err and "Traceback" not in err
+
+
+def test_a_wrong_decoding_value_names_its_flag_in_one_line(ckpt: Path, tmp_path: Path) -> None:
+    scene(0).save(tmp_path / "0.png")
+    result = run_caption(
+        "--ckpt", ckpt, "--sample", "--top-p", "0", tmp_path / "0.png", cwd=tmp_path
+    )
+    err = result.stderr.decode()
+    assert result.returncode == 2 and err.count("\n") == 1 and not result.stdout, err
+    assert "--top-p must be in (0, 1], got 0.0" in err and "decoding." not in err
+
+
+def test_sampling_needs_no_beam_size(
+    ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The default beam size is 3 for search, 1 for sampling."""
+    scene(0).save(tmp_path / "0.png")
+    status = caption_script.main(["--ckpt", str(ckpt), "--sample", "--seed", "0", str(tmp_path)])
+    assert status == 0 and capsys.readouterr().out.count("\t") == 1
+    assert caption_script.parse_args(["--ckpt", "x", "y.png"]).beam_size == 3
+
+
+def test_every_option_says_what_it_does_and_its_default() -> None:
+    for action in caption_script.build_parser()._actions:
+        assert action.help, action.dest
+        if action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
+            assert "default" in action.help, action.dest
+    assert tuple(DTYPES) == caption_script.DTYPES
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["caption.py", "--help"],
+        ["caption.py", "--ckpt", "x", "--top-k", "many", "y.png"],
+        ["caption.py", "--ckpt", "x", "--sample", "--beam-size", "2", "y.png"],
+        ["export.py", "--help"],
+        ["export.py", "--ckpt", "x"],
+    ],
+)
+def test_help_and_wrong_options_answer_without_importing_torch(argv: list[str]) -> None:
+    """Torch takes seconds to import: only a run that captions or exports needs it."""
+    code = (
+        "import runpy, sys\n"
+        f"sys.argv = {argv!r}\n"
+        "try:\n"
+        f"    runpy.run_path({str(ROOT / 'scripts' / argv[0])!r}, run_name='__main__')\n"
+        "except SystemExit as exit:\n"
+        "    print('exit', exit.code, 'torch' in sys.modules)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+    )
+    status = 0 if "--help" in argv else 2
+    assert result.stdout.splitlines()[-1] == f"exit {status} False", result.stderr
 
 
 def test_save_attention_at_a_file_fails_before_captioning(

@@ -368,14 +368,32 @@ def test_validate_data_reports_every_bad_entry(tmp_path: Path) -> None:
     assert result.returncode == 1, result.stderr
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     sources = [entry["source"] for entry in report["bad"]]
-    assert len(sources) == 3 and sources[0].startswith(broken[1]) and broken[0] in sources
-    assert report["splits"]["train"] == {"samples": 8, "bad": 1, "long_captions": 0}
+    assert len(sources) == 3 and sources[0].startswith(broken[1])
+    assert sources[1].startswith(broken[0])
+    # the dropped caption counts too: the table's bad entries are the ones listed
+    assert report["splits"]["train"] == {"samples": 8, "bad": 2, "long_captions": 0}
     assert report["splits"]["val"]["bad"] == 1 and report["splits"]["test"]["bad"] == 0
+    assert sum(split["bad"] for split in report["splits"].values()) == len(sources)
     assert all(source in result.stdout for source in sources)
+    assert f"(listed at {paths['train_json']}[images[0]])" in sources[1]  # where it is named
+    assert "skipped" not in result.stdout + result.stderr  # on_bad_sample=error: nothing is
     paths["train_json"].write_text('{"images": [], "annotations": [{"image_id": 1}]')
     malformed = run_script("validate_data.py", *args, cwd=tmp_path)
     assert malformed.returncode == 2 and "Traceback" not in malformed.stderr
     assert str(paths["train_json"]) in malformed.stderr
+
+
+def test_validate_data_names_the_jsonl_line_of_a_bad_image(tmp_path: Path) -> None:
+    from captioner.tasks import validate_data
+
+    paths = write_table(tmp_path / "data")
+    second = json.loads(paths["train_file"].read_text().splitlines()[1])["image"]
+    (tmp_path / "data" / second).write_bytes(b"not an image")
+    cfg = compose_train(*data_overrides("jsonl", paths), output_dir=tmp_path / "out",
+                        config_name="validate_data")  # fmt: skip
+    report, _ = validate_data(cfg)
+    (entry,) = report["bad"]
+    assert entry["source"].endswith(f"{second} (listed at {paths['train_file']}:2)")
 
 
 def test_train_script_reports_a_bad_image_in_one_line(tmp_path: Path) -> None:

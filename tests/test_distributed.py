@@ -117,7 +117,7 @@ def test_ddp_splits_training_and_scores_every_image_once(data, tmp_path: Path) -
     for name in checkpoints:
         ckpt = torch.load(run / "checkpoints" / name, map_location="cpu", weights_only=True)
         assert ckpt["captioner"]["config"] and ckpt["state_dict"]
-    assert result.stdout.count("final metrics") == 1  # the table is printed once
+    assert result.stdout.count("headline metrics") == 1  # the table is printed once
 
 
 def test_eval_sampler_gives_each_process_a_share_without_repeats() -> None:

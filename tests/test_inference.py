@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import struct
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import torch
 from PIL import Image
 
 from captioner.benchmark import precision_check
-from captioner.checkpoint import load_checkpoint
+from captioner.checkpoint import export, load_checkpoint
 from captioner.data import ImagePreprocess, ShapesWorld, Tokenizer, load_image
 from captioner.errors import CheckpointError, ConfigError, ImageLoadError
 from captioner.inference import Captioner, find_images
@@ -160,6 +161,19 @@ def test_export_round_trips(ckpt: Path, captioner: Captioner, scenes: list, tmp_
     assert all(torch.equal(original[k], exported[k]) for k in exported)
 
 
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o077, 0o600)])
+def test_an_export_is_as_readable_as_the_umask_allows(
+    umask: int, mode: int, ckpt: Path, tmp_path: Path
+) -> None:
+    """An export is meant for sharing: its files get what `open()` gives, not a private 0600."""
+    contents, previous = load_checkpoint(ckpt), os.umask(umask)
+    try:
+        written = export(contents, tmp_path / "exported")
+    finally:
+        os.umask(previous)
+    assert [oct(stat.S_IMODE(path.stat().st_mode)) for path in written] == [oct(mode)] * 2
+
+
 def test_unusable_checkpoints_are_named(tmp_path: Path, ckpt: Path) -> None:
     with pytest.raises(CheckpointError, match="no such checkpoint"):
         load_checkpoint(tmp_path / "missing.ckpt")
@@ -171,8 +185,11 @@ def test_unusable_checkpoints_are_named(tmp_path: Path, ckpt: Path) -> None:
     torch.save({"state_dict": {"net.x": torch.zeros(1)}}, foreign)
     with pytest.raises(CheckpointError, match=r"foreign\.ckpt: not a captioner checkpoint"):
         load_checkpoint(foreign)
-    with pytest.raises(CheckpointError, match="captioner.json"):
-        load_checkpoint(tmp_path)  # a folder without an export in it
+    with pytest.raises(CheckpointError, match="neither a training run folder .* nor an export"):
+        load_checkpoint(tmp_path)  # a folder without an export or a run in it
+    (tmp_path / "captioner.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="model.safetensors: missing; an export folder"):
+        load_checkpoint(tmp_path)  # half an export is read as one, and named
     with pytest.raises(ConfigError, match="decoding.beam_size"):
         Captioner.from_checkpoint(ckpt).caption(torch.zeros(3, 32, 48), beam_size=0)
 
@@ -212,6 +229,9 @@ def test_caption_script_captions_good_files_and_names_bad_ones(
         assert str(path) in result.stderr
     assert "Traceback" not in result.stderr and ".hidden" not in result.stderr + result.stdout
     figures = sorted(p.name for p in (tmp_path / "att").iterdir())
+    assert f"attention figures of {len(good)} image(s) written to {tmp_path / 'att'}" in (
+        result.stderr
+    )
     kinds = (".png", ".gif", "_matrices.png")
     assert figures == sorted(f"{p.stem}{kind}" for p in good for kind in kinds)
     for path, caption in zip(good, expected, strict=True):  # a frame per word, <eos> included

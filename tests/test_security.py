@@ -136,6 +136,23 @@ def test_no_entry_point_runs_what_a_checkpoint_carries(
         assert marker.exists()
 
 
+def test_a_run_folder_is_read_as_safely_as_its_checkpoint(
+    saved: dict[str, Any], tmp_path: Path
+) -> None:
+    """A run folder is its `last.ckpt`, through the same safe reader: refused, named, not run."""
+    path, marker = write_hostile(saved, "pickle", tmp_path / "run" / "checkpoints")
+    last = path.rename(path.with_name("last.ckpt"))
+    for read in (load_checkpoint, Captioner.from_checkpoint):
+        with pytest.raises(UnsafeCheckpointError, match=f"{re.escape(str(last))}: refused"):
+            read(tmp_path / "run")
+    process = run_script("export.py", "--ckpt", tmp_path / "run", "--out", "x", cwd=tmp_path)
+    _, err = process.communicate(timeout=600)
+    assert process.returncode == 2 and "Traceback" not in err, err[-3000:]
+    named, refused = err.splitlines()  # the file read, then why it is refused
+    assert named.endswith(f"reading {last}") and refused.startswith(f"checkpoint error: {last}")
+    assert not marker.exists() and not (tmp_path / "x").exists()
+
+
 @pytest.mark.parametrize("route", ["pipe_shard", "nested_target"])
 def test_an_export_folder_carrying_code_is_refused(route: str, ckpt: Path, tmp_path: Path) -> None:
     folder, marker = tmp_path / "export", tmp_path / "code_ran"

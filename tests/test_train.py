@@ -205,7 +205,7 @@ def test_cli_respects_run_dir_and_prints_metrics(tmp_path: Path) -> None:
     assert (run_dir / "metrics.json").exists()
     assert (run_dir / ".hydra" / "config.yaml").exists()  # the composed config is kept
     assert str(run_dir / "metrics.json") in result.stdout.replace("\n", "")
-    assert "test/scene_acc" in result.stdout
+    assert "headline metrics" in result.stdout and "scene_acc" in result.stdout
 
 
 def test_cli_config_error_is_one_clear_line(tmp_path: Path) -> None:
@@ -224,12 +224,11 @@ def test_cli_config_error_is_one_clear_line(tmp_path: Path) -> None:
 def test_an_unknown_config_name_lists_the_valid_ones(group: str, tmp_path: Path) -> None:
     result = run_cli(f"{group}=no_such_{group}", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
     assert result.returncode != 0
-    assert f"Could not find '{group}/no_such_{group}'" in result.stderr
     choices = sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml"))
     assert len(choices) >= 2
-    listed = result.stderr.split(f"Available options in '{group}':", 1)[1]
-    assert all(f"\t{name}\n" in listed for name in choices), listed
-    assert "Traceback" not in result.stderr
+    assert result.stderr == (
+        f"config error: {group}=no_such_{group}: no such option; (options: {', '.join(choices)})\n"
+    )
 
 
 def test_attention_supervision_moves_attention_onto_the_named_objects(shapes_batch: tuple) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
@@ -26,6 +27,13 @@ from captioner.data.vocab_cache import cached_tokenizer
 from captioner.errors import CheckpointError, ConfigError
 from captioner.seeding import mix_seed
 from captioner.values import is_int, short
+
+
+def _usable_cpus() -> int:
+    """The CPUs this process may run on (a job's share of a node, not the whole node)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 class EpochShuffle(DistributedSampler):
@@ -123,7 +131,7 @@ class CaptionDataModule(LightningDataModule):
     def __init__(
         self,
         batch_size: int,
-        num_workers: int,
+        num_workers: int | None,
         max_len: int,
         min_freq: int,
         pin_memory: bool,
@@ -135,6 +143,8 @@ class CaptionDataModule(LightningDataModule):
         self.cache_features, self.feature_dir = cache_features, feature_dir
         if batch_size < 1:
             raise ConfigError(f"data.batch_size must be >= 1, got {batch_size}.")
+        if num_workers is None:  # one loader process per CPU this process may use
+            num_workers = min(_usable_cpus(), 8)
         if num_workers < 0:
             raise ConfigError(f"data.num_workers must be >= 0, got {num_workers}.")
         if max_len < 3:
@@ -449,7 +459,7 @@ class ImageDataModule(CaptionDataModule):
         self,
         image_size: int | Sequence[int] = 224,
         batch_size: int = 64,
-        num_workers: int = 4,
+        num_workers: int | None = None,
         max_len: int = 32,
         min_freq: int = 5,
         pin_memory: bool = True,

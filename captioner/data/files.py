@@ -63,8 +63,9 @@ class ImageCaptionDataset(Dataset):
         if self.transform is not None:
             try:
                 sample["image"] = self.transform(load_image(record.image, at_least=self.at_least))
-            except ImageLoadError as err:
-                return {BAD: BadSample(err.source, err.reason)}
+            except ImageLoadError as err:  # named as the file and where the data lists it
+                where = f" (listed at {record.source})" if record.source else ""
+                return {BAD: BadSample(err.source + where, err.reason)}
         if caption is not None:
             sample["caption"] = record.captions[caption]
         return sample

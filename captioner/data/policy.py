@@ -52,6 +52,7 @@ class BadSampleLog:
     def __init__(self, policy: str) -> None:
         self.policy = check_policy(policy)
         self.skipped: dict[str, str] = {}  # source -> reason, in the order first seen
+        self.quiet = False  # collect without logging (a scan reports them itself)
 
     def report(self, bad: Iterable[BadSample]) -> None:
         for sample in bad:
@@ -59,7 +60,8 @@ class BadSampleLog:
                 raise DataError(sample.message())
             if sample.source not in self.skipped:
                 self.skipped[sample.source] = sample.reason
-                log.warning("skipped bad sample %s: %s", sample.source, sample.reason)
+                if not self.quiet:
+                    log.warning("skipped bad sample %s: %s", sample.source, sample.reason)
 
     def __len__(self) -> int:
         return len(self.skipped)

@@ -47,6 +47,8 @@ class Record:
     image: Path  # the image file, root or folder already joined
     captions: tuple[str, ...]  # one line each (`one_line`), non-empty, in file order
     image_id: int | str  # the id evaluation reports under
+    # where the annotation file names the image (`file:line`, `file[key]`), for messages
+    source: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True)
@@ -244,7 +246,7 @@ def _finish(entries: Iterable[_Entry], policy: str) -> tuple[list[Record], list[
             else:
                 captions.append(caption)
         if captions:
-            records.append(Record(entry.path, tuple(captions), entry.image_id))
+            records.append(Record(entry.path, tuple(captions), entry.image_id, entry.source))
         else:
             reason = "every caption of {} is empty" if entry.captions else "{} has no captions"
             bad.append(BadSample(entry.source, reason.format(f"image {entry.path}")))

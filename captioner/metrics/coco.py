@@ -6,6 +6,7 @@ import contextlib
 import functools
 import io
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -17,6 +18,7 @@ from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
 from captioner.data.tokenizer import one_line
+from captioner.errors import ConfigError
 
 
 @contextlib.contextmanager
@@ -31,6 +33,17 @@ def _quiet() -> Iterator[None]:
         finally:
             os.dup2(saved, 2)
             os.close(saved)
+
+
+def check_java(why: str) -> None:
+    """pycocoevalcap's tokenizer and METEOR run on Java: say so before any work, not after
+    decoding a whole split."""
+    if shutil.which("java") is None:
+        raise ConfigError(
+            f"Java is not installed, and {why} (pycocoevalcap's tokenizer and METEOR run on "
+            "it): install a Java runtime (Debian/Ubuntu: sudo apt-get install "
+            "default-jre-headless; macOS: brew install openjdk; conda: conda install openjdk)"
+        )
 
 
 @functools.lru_cache(maxsize=1)

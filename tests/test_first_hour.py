@@ -189,7 +189,9 @@ def test_training_says_what_it_wrote_and_what_to_type_next(tmp_path: Path) -> No
     shown = result.stdout + result.stderr
     for noise in ("💡", "already configured with model summary", "v_num", "FLOPs"):
         assert noise not in shown
-    assert len(result.stdout.split("headline metrics")[1].splitlines()) < 16  # not 56 rows
+    table = result.stdout.split("headline metrics")[1].split(" steps, ")[0].splitlines()
+    assert len(table) < 10 and all(len(line) <= 80 for line in table)  # not 56 rows, not cut
+    assert "…" not in result.stdout
     ckpt = re.search(r"^checkpoint: (.+)$", result.stdout, re.MULTILINE).group(1)
     assert Path(ckpt).is_file() and Path(ckpt).parent == run / "checkpoints"
     log = (run / "train.log").read_text()

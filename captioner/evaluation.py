@@ -9,7 +9,7 @@ broadcasts the metrics, so every rank logs, checkpoints and stops on the same nu
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Any, NamedTuple, Protocol
 
 import torch
@@ -21,6 +21,7 @@ from captioner.generation import DecodingOptions, Generated, generate
 from captioner.inference import to_captions
 from captioner.metrics import GroundingMeter, caption_scores
 from captioner.models import CaptionerModel
+from captioner.models.blocks import Reading
 
 
 class TokenizerLike(Protocol):
@@ -43,6 +44,9 @@ class EvalRow(NamedTuple):
     references: list[str]
     loss: float  # summed cross-entropy of its target tokens (reference 0, teacher-forced)
     tokens: int  # how many target tokens that sum covers
+    shuffled_loss: float | None  # the same with another image of its batch (None: alone in it)
+    blank_loss: float  # the same with a blank image (every pixel the dataset mean)
+    image_share: tuple[float, ...] | None  # per layer, the attention mass words put on the image
     scene: Any  # the ground truth, on data that has it (shapes), else None
     grounding: GroundingMeter | None  # this caption's word -> object looks, with a scene
 
@@ -74,11 +78,27 @@ class SplitEvaluator:
             need_weights=need_weights,
         )  # fmt: skip
 
-    def caption_losses(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each caption's summed cross-entropy (B,) and its number of target tokens (B,): what
-        a split's loss adds up, whichever process scored which image."""
-        targets = batch["tokens"][:, 1:]
-        logits = self.net(batch["images"], batch["tokens"][:, :-1])
+    def caption_losses(self, batch: dict[str, Any]) -> ImageReliance:
+        """Each caption's summed cross-entropy with its own image, with another image of the
+        batch and with a blank one, and its number of target tokens: what a split's loss and
+        its image gain add up, whichever process scored which image."""
+        images, tokens = batch["images"], batch["tokens"]
+        memory = self.net.encode(images)[0]
+        blank = self.net.encode(torch.zeros_like(images[:1]))[0].expand_as(memory)
+        shuffled = memory.roll(1, dims=0)  # each caption with its neighbour's image
+        own = self._summed_losses(tokens, memory)
+        share = None
+        if self.net.config.decoder.kind == "prefix":  # its words weigh the image against text
+            reading = self.net.decoder.features(tokens[:, :-1], Reading(memory, need_weights=True))
+            share = image_share(reading.image_attention, tokens[:, 1:] != self.tokenizer.pad_id)
+        return ImageReliance(
+            own, self._summed_losses(tokens, shuffled), self._summed_losses(tokens, blank),
+            (tokens[:, 1:] != self.tokenizer.pad_id).sum(1), share,
+        )  # fmt: skip
+
+    def _summed_losses(self, tokens: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        targets = tokens[:, 1:]
+        logits = self.net.decoder(tokens[:, :-1], memory).logits
         losses = F.cross_entropy(
             logits.flatten(0, 1).float(),
             targets.flatten(),
@@ -86,14 +106,14 @@ class SplitEvaluator:
             label_smoothing=self.label_smoothing,
             reduction="none",
         )
-        return losses.view_as(targets).sum(1), (targets != self.tokenizer.pad_id).sum(1)
+        return losses.view_as(targets).sum(1)
 
     def add(self, batch: dict[str, Any]) -> None:
         """Decode and keep a batch's rows (an empty batch still shows its split exists)."""
         rows = self.rows[batch["split"]]  # a split whose every image is bad shows up
         if not batch["image_ids"]:  # every sample in it was bad and skipped
             return
-        losses, counts = self.caption_losses(batch)
+        reliance = self.caption_losses(batch)
         scenes = batch.get("scenes")
         out = self.generate(batch["images"], need_weights=scenes is not None)
         size = len(batch["image_ids"])
@@ -102,8 +122,11 @@ class SplitEvaluator:
             batch["sources"],
             [self.tokenizer.decode(row.tolist()) for row in out.tokens],
             batch["references"],
-            losses.tolist(),
-            counts.tolist(),
+            reliance.loss.tolist(),
+            reliance.tokens.tolist(),
+            reliance.shuffled.tolist() if size > 1 else [None],
+            reliance.blank.tolist(),
+            reliance.share.tolist() if reliance.share is not None else [None] * size,
             scenes or [None] * size,
             self._grounding_meters(out, list(scenes)) if scenes is not None else [None] * size,
             strict=True,
@@ -169,12 +192,14 @@ class SplitEvaluator:
         """The split's metrics over all of its images."""
         predictions = {row.image_id: row.caption for row in rows}
         references = {row.image_id: row.references for row in rows}
-        is_test = split.startswith("test")  # METEOR's Java start-up is kept out of val
+        is_test = split.startswith("test")  # validation runs no Java (`caption_scores`)
         metrics = caption_scores(
-            predictions, references, meteor=is_test, spice=is_test and self.spice
-        )
+            predictions, references, meteor=is_test, spice=is_test and self.spice,
+            fast=not is_test,
+        )  # fmt: skip
         # per target token over the split, as a single process over one batch would have it
         metrics["loss"] = sum(row.loss for row in rows) / max(1, sum(row.tokens for row in rows))
+        metrics.update(reliance_metrics(rows))
         if rows[0].scene is not None:  # ground truth known: is every caption fully correct?
             correct = [row.scene.caption_is_correct(row.caption) for row in rows]
             metrics["scene_acc"] = sum(correct) / len(correct)
@@ -185,6 +210,53 @@ class SplitEvaluator:
                 meter.merge(part)
             metrics.update(meter.compute())
         return metrics
+
+
+class ImageReliance(NamedTuple):
+    """A batch's summed caption losses (B,) with its own images, with each image swapped for
+    its neighbour's, with a blank image; its target-token counts (B,); and, for a decoder
+    whose words attend over image and text together, each caption's per-layer image share."""
+
+    loss: torch.Tensor
+    shuffled: torch.Tensor
+    blank: torch.Tensor
+    tokens: torch.Tensor
+    share: torch.Tensor | None  # (B, layers)
+
+
+def image_share(attention: list[torch.Tensor] | None, targets: torch.Tensor) -> torch.Tensor:
+    """(B, layers): per caption and layer, the attention mass its words put on the image
+    positions (mean over heads and real tokens), from each layer's (B, heads, T, S) rows."""
+    assert attention is not None
+    mask = targets.float()  # (B, T): 1 for a real token
+    shares = [
+        (layer.float().sum(-1).mean(1) * mask).sum(1) / mask.sum(1).clamp(min=1)
+        for layer in attention
+    ]  # each (B,)
+    return torch.stack(shares, dim=1)
+
+
+def reliance_metrics(rows: list[EvalRow]) -> dict[str, float]:
+    """Is the model reading the image? `image_gain`: nats per token the right image saves
+    against another image of the batch (about 0 for a decoder that ignores the image);
+    `blank_gain`: the same against a blank image; how varied the captions are (a language
+    prior writes one caption for every image); per layer, the share of attention on the
+    image, for decoders where words weigh it against text."""
+    tokens = max(1, sum(row.tokens for row in rows))
+    own = sum(row.loss for row in rows)
+    metrics = {"blank_gain": (sum(row.blank_loss for row in rows) - own) / tokens}
+    paired = [row for row in rows if row.shuffled_loss is not None]
+    if paired:
+        gain = sum(row.shuffled_loss - row.loss for row in paired)  # type: ignore[operator]
+        metrics["image_gain"] = gain / max(1, sum(row.tokens for row in paired))
+    captions = Counter(row.caption for row in rows)
+    metrics["distinct_captions"] = len(captions) / len(rows)
+    metrics["top_caption_share"] = captions.most_common(1)[0][1] / len(rows)
+    metrics["vocab_used"] = float(len({w for c in captions for w in c.split()}))
+    shares = [row.image_share for row in rows if row.image_share is not None]
+    for layer, values in enumerate(zip(*shares, strict=True)):
+        metrics[f"image_share/layer{layer}"] = sum(values) / len(values)
+    return metrics
 
 
 def _rank_and_world() -> tuple[int, int]:

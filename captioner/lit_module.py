@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from collections import Counter
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -92,6 +93,10 @@ def teacher_forced_loss(
     )
     return loss, states.image_attention
 
+
+# Below this many nats per token of `val/image_gain` the decoder is taken to ignore the image
+# (a trained shapes model gains over 1; a decoder reading zeros gains 0).
+BLIND_GAIN = 0.05
 
 # Keys under `model.encoder` that say how to train it, not what it is: never in checkpoints.
 ENCODER_TRAINING = ("freeze", "lr_scale", "layer_decay")
@@ -356,8 +361,33 @@ class CaptionerLitModule(LightningModule):
         self.predictions.update(captions)
         for name, value in metrics.items():
             split, key = name.split("/", 1)
-            shown = key in ("CIDEr", "scene_acc") or (key == "loss" and split == "val")
+            shown = key in ("CIDEr", "scene_acc", "image_gain") or (
+                key == "loss" and split == "val"
+            )
             self.log(name, value, add_dataloader_idx=False, prog_bar=shown)
+        if not self.trainer.sanity_checking and self.trainer.global_step >= self._warmup_steps():
+            self._warn_if_blind(metrics, captions.get("val"))
+
+    def _warmup_steps(self) -> int:
+        return int(getattr(self.scheduler_factory, "keywords", {}).get("warmup_steps", 0))
+
+    def _warn_if_blind(self, metrics: dict[str, float], captions: dict[Any, str] | None) -> None:
+        """One line when, past warm-up, the right image barely helps predict the caption: the
+        decoder has learned a language prior and writes the same words whatever it sees."""
+        gain = metrics.get("val/image_gain")
+        if gain is None or gain >= BLIND_GAIN or rank_zero_only.rank != 0:
+            return
+        top = ""
+        if captions:
+            text, count = Counter(captions.values()).most_common(1)[0]
+            top = f"; {count / len(captions):.0%} of validation captions are {text!r}"
+        log.warning(
+            "the decoder is ignoring the image: val/image_gain=%.3f nats per token (the right "
+            "image predicts its caption hardly better than another image does)%s. Check that "
+            "the images differ and reach the model, train longer or with a higher encoder "
+            "learning rate, or add attention supervision where the data has boxes",
+            gain, top,
+        )  # fmt: skip
 
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW-style groups (`parameter_groups`): weight decay on matrices only, the

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import logging
+import os
 import time
+import traceback
 import typing
 import warnings
 from collections.abc import Iterator, Sequence
@@ -23,12 +26,13 @@ from hydra.types import RunMode
 from hydra.utils import get_object, instantiate
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import MissingMandatoryValue
 from torch.utils.data import DataLoader
 
 from captioner.callbacks import StoredFeatures
+from captioner.card import evaluation_card
 from captioner.checkpoint import (
     CheckpointContents,
     load_checkpoint,
@@ -40,7 +44,8 @@ from captioner.data.policy import BAD, BadSample
 from captioner.data.stored import record_data_config
 from captioner.errors import CheckpointError, ConfigError, DataError, Preempted, TrainingError
 from captioner.lit_module import CaptionerLitModule
-from captioner.metrics import check_java
+from captioner.metrics import warn_if_no_java
+from captioner.metrics.coco import has_java, tokenizer_name
 from captioner.models import CaptionerConfig
 from captioner.values import is_int, short
 
@@ -185,11 +190,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     seed = cfg.get("seed")
     if seed is not None and not is_int(seed):
         raise ConfigError(f"seed={short(seed)}: must be an integer, or null for no seeding.")
-    if cfg.get("test", True) or OmegaConf.select(cfg, "trainer.limit_val_batches") != 0:
-        check_java(
-            "validation and test score captions with it; to train without scoring, add "
-            "test=false trainer.limit_val_batches=0"
-        )
+    if cfg.get("test", True):
+        warn_if_no_java()
     callbacks = _instantiate_group(cfg.get("callbacks"))
     if not cfg.get("logger"):  # the learning rate has nowhere to go: not an error
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
@@ -247,6 +249,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         ):
             trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         fit_seconds = time.perf_counter() - start
+    # the last validation (image gain, diversity, ...) goes in metrics.json beside the test
+    validated = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
 
     metrics: dict[str, float] = {}
     if cfg.get("test", True) and not datamodule.test_splits():
@@ -270,6 +274,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
                 weights_only=True,
             )  # fmt: skip
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test")}
+    metrics.update(validated)
     metrics["train/seconds"] = round(fit_seconds, 1)
     metrics["train/steps"] = float(trainer.global_step)
     metrics["model/params"] = float(num_params)
@@ -415,19 +420,31 @@ class _StepTimer(Callback):
 def _restore_errors(ckpt_path: Path | None, progress: _TrainingStarted) -> Iterator[None]:
     """Lightning restores optimizer, loop and callback states from the checkpoint as they are:
     a damaged or forged one fails inside it, or in the first step that uses it. Such a
-    failure, before a step has gone through, is named as the checkpoint's (with the error)."""
+    failure, before a step has gone through, is named as the checkpoint's (with the error).
+    Without a checkpoint, Lightning's own refusal of a setting at start-up (its message names
+    the setting and the fix) is a `ConfigError`."""
     try:
         yield
     except (ConfigError, DataError, CheckpointError, TrainingError):
         raise
     except Exception as err:
+        line = next(iter(str(err).splitlines()), "").strip()
+        if ckpt_path is None and not progress.started and _lightning_refusal(err):
+            raise ConfigError(f"the trainer settings: {line}") from None
         if ckpt_path is None or progress.started:
             raise
-        line = next(iter(str(err).splitlines()), "")
         raise CheckpointError(
             f"{ckpt_path}: training could not be restored from it ({type(err).__name__}: "
             f"{line[:200]}); the file is damaged, or was written by other code."
         ) from None
+
+
+def _lightning_refusal(err: Exception) -> bool:
+    """A ValueError or MisconfigurationException raised by Lightning's own code."""
+    if not isinstance(err, ValueError | MisconfigurationException):
+        return False
+    frames = traceback.extract_tb(err.__traceback__)
+    return bool(frames) and f"{os.sep}lightning{os.sep}" in frames[-1].filename
 
 
 @contextmanager
@@ -494,7 +511,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             "a checkpoint is required: python scripts/eval.py --ckpt PATH (a .ckpt from "
             "scripts/train.py, its run folder, or a folder from scripts/export.py)."
         ) from None
-    check_java("the scores are computed with it")
+    warn_if_no_java()
     contents = load_checkpoint(ckpt_path)
     datamodule = _eval_datamodule(cfg, contents)
     tokenizer = Tokenizer.from_dict(contents.tokenizer)
@@ -529,9 +546,17 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         results = [{"image_id": k, "caption": captions[k]} for k in ordered]
         prediction_paths[split] = _write_json(cfg, name, results, trainer)
     metrics_path = _write_json(cfg, "metrics.json", dict(sorted(metrics.items())), trainer)
+    given = OmegaConf.to_container(cfg.data, resolve=True) if cfg.get("data") else {}
+    card = evaluation_card(
+        contents.source, contents.kind,
+        given if "_target_" in given else {**(contents.data or {}), **given},
+        {split: len(captions) for split, captions in model.predictions.items()},
+        dataclasses.asdict(model.decoding), tokenizer_name(fast=False), has_java(),
+    )  # fmt: skip
     objects = {
         "cfg": cfg, "datamodule": datamodule, "model": model, "trainer": trainer,
         "metrics_path": metrics_path, "prediction_paths": prediction_paths,
+        "card_path": _write_json(cfg, "eval_card.json", card, trainer),
     }  # fmt: skip
     return metrics, objects
 

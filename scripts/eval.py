@@ -19,6 +19,9 @@ def evaluate(cfg: DictConfig) -> None:
 
     metrics, objects = score(cfg)
     after = [f"predictions written to {path}" for path in objects["prediction_paths"].values()]
+    after.append(
+        f"evaluation card (checkpoint, data files, decoding, versions): {objects['card_path']}"
+    )
     print_metrics(metrics, objects["metrics_path"], run_log(), after)
 
 

@@ -160,7 +160,9 @@ def test_gathered_rows_count_each_image_once() -> None:
         meter = GroundingMeter(patch_size=8)
         meter.update(attention, [0, -1], [box])
         source = source or f"{image_id}.png"
-        return EvalRow(image_id, source, "a caption", ["a reference"], 1.0, 3, None, meter)
+        return EvalRow(
+            image_id, source, "a caption", ["a reference"], 1.0, 3, 2.0, 2.0, None, None, meter
+        )
 
     hit, miss = (0, 0, 8, 8), (8, 8, 16, 16)
     parts = gather_rows({"val": [row(0, hit), row(1, miss)]})

@@ -37,7 +37,15 @@ def test_scores_the_test_split_it_was_trained_on(ckpt: Path, tmp_path: Path) -> 
     assert saved == pytest.approx(metrics)
     for split in ("test", "test_comp"):  # shapes_tiny holds out a colour-shape pair
         names = {k.split("/")[1] for k in metrics if k.startswith(f"{split}/")}
-        assert names == PAPER_METRICS | {"scene_acc", "loss", "grounding"}  # no SPICE by default
+        reliance = {
+            "image_gain",
+            "blank_gain",
+            "distinct_captions",
+            "top_caption_share",
+            "vocab_used",
+        }
+        # no SPICE by default
+        assert names == PAPER_METRICS | {"scene_acc", "loss", "grounding"} | reliance
     predictions = json.loads((tmp_path / "predictions.json").read_text())
     assert [p["image_id"] for p in predictions] == list(range(12))  # data.num_test=12
     assert all(set(p) == {"image_id", "caption"} and p["caption"] for p in predictions)

@@ -38,3 +38,22 @@ def test_ptb_tokenisation_ignores_case_and_punctuation() -> None:
 def test_ids_must_match() -> None:
     with pytest.raises(ValueError, match="same"):
         caption_scores({1: "a"}, {2: ["a"]})
+
+
+def test_validation_scores_without_java_what_pycocoevalcap_scores_with_it() -> None:
+    from captioner.data.shapes import ShapesWorld
+
+    world = ShapesWorld(image_size=32)
+    scenes = [world.scene("test", i) for i in range(300)]
+    references = {i: list(scene.captions) for i, scene in enumerate(scenes)}
+    # predictions as a model makes them: right, another scene's, cut short, run on
+    predictions = {
+        i: [refs[0], references[(i + 1) % 300][0], " ".join(refs[-1].split()[:3]),
+            refs[-1] + " , left of a red circle ."][i % 4]
+        for i, refs in references.items()
+    }  # fmt: skip
+    java = caption_scores(predictions, references, meteor=False)
+    fast = caption_scores(predictions, references, meteor=False, fast=True)
+    assert fast.keys() == java.keys()
+    for name, value in java.items():
+        assert fast[name] == pytest.approx(value, abs=1e-6), name

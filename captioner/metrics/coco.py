@@ -1,10 +1,18 @@
-"""Caption metrics computed with pycocoevalcap, the scorer that papers report."""
+"""Caption metrics computed with pycocoevalcap, the scorer that papers report.
+
+pycocoevalcap tokenises with Stanford's PTBTokenizer and runs METEOR, both on Java. Validation
+during training needs neither: it tokenises with `captioner.metrics.ptb` (the same tokens on
+captions) and scores CIDEr-D in-process (`captioner.metrics.cider`, equal to pycocoevalcap's).
+The test metrics use Java where it is installed; without it BLEU, ROUGE-L and CIDEr come from
+the Python tokenizer, METEOR and SPICE are left out, and one line says so and how to get them.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import functools
 import io
+import logging
 import os
 import shutil
 import sys
@@ -18,7 +26,10 @@ from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
 from captioner.data.tokenizer import one_line
-from captioner.errors import ConfigError
+from captioner.metrics import ptb
+from captioner.metrics.cider import cider_d
+
+log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -35,15 +46,23 @@ def _quiet() -> Iterator[None]:
             os.close(saved)
 
 
-def check_java(why: str) -> None:
-    """pycocoevalcap's tokenizer and METEOR run on Java: say so before any work, not after
-    decoding a whole split."""
-    if shutil.which("java") is None:
-        raise ConfigError(
-            f"Java is not installed, and {why} (pycocoevalcap's tokenizer and METEOR run on "
-            "it): install a Java runtime (Debian/Ubuntu: sudo apt-get install "
-            "default-jre-headless; macOS: brew install openjdk; conda: conda install openjdk)"
-        )
+NO_JAVA = (
+    "Java is not installed: METEOR and SPICE are left out, and BLEU, ROUGE-L and CIDEr are "
+    "computed with captioner's Python PTB tokenizer (the same tokens on captions). For METEOR, "
+    "install a Java runtime (Debian/Ubuntu: sudo apt-get install default-jre-headless; macOS: "
+    "brew install openjdk; conda: conda install openjdk)"
+)
+
+
+def has_java() -> bool:
+    return shutil.which("java") is not None
+
+
+def tokenizer_name(fast: bool) -> str:
+    """Which tokenizer `caption_scores` uses, for the evaluation card."""
+    if fast or not has_java():
+        return "captioner.metrics.ptb (Python PTB tokenizer)"
+    return "pycocoevalcap PTBTokenizer (Stanford CoreNLP 3.4.1, Java)"
 
 
 @functools.lru_cache(maxsize=1)
@@ -80,27 +99,43 @@ def caption_scores(
     *,
     meteor: bool = True,
     spice: bool = False,
+    fast: bool = False,
 ) -> dict[str, float]:
     """BLEU-1..4, METEOR, ROUGE-L and CIDEr(-D) over a corpus, after the PTB tokenisation the
     COCO caption server uses; SPICE when asked.
 
     `predictions` maps image id -> one caption; `references` maps image id -> its references.
-    METEOR starts a Java process (seconds), so validation during training leaves it out.
+    `fast` (validation): no Java at all, the Python tokenizer and the in-process CIDEr-D, and
+    no METEOR, whose Java process takes seconds to start. Without Java, METEOR and SPICE are
+    left out (`NO_JAVA` says so, once).
     """
     if set(predictions) != set(references) or not predictions:
         raise ValueError("predictions and references must cover the same, non-empty image ids")
+    java = has_java() and not fast
+    if not fast:
+        warn_if_no_java()
+    refs = {k: [one_line(c) for c in group] for k, group in references.items()}
+    preds = {k: [one_line(c)] for k, c in predictions.items()}
     with _quiet():
-        tokenizer = PTBTokenizer()
-        gts = tokenizer.tokenize(
-            {k: [{"caption": one_line(c)} for c in refs] for k, refs in references.items()}
-        )
-        res = tokenizer.tokenize({k: [{"caption": one_line(c)}] for k, c in predictions.items()})
+        tokenize = PTBTokenizer().tokenize if java else ptb.tokenize
+        gts = tokenize({k: [{"caption": c} for c in group] for k, group in refs.items()})
+        res = tokenize({k: [{"caption": c} for c in group] for k, group in preds.items()})
         bleu, _ = Bleu(4).compute_score(gts, res)
         scores = {f"BLEU-{n}": float(b) for n, b in enumerate(bleu, start=1)}
-        if meteor:
+        if meteor and java:
             scores["METEOR"] = float(_meteor().compute_score(gts, res)[0])
         scores["ROUGE-L"] = float(Rouge().compute_score(gts, res)[0])
-        scores["CIDEr"] = float(Cider().compute_score(gts, res)[0])
-        if spice:
+        if java:
+            scores["CIDEr"] = float(Cider().compute_score(gts, res)[0])
+        else:
+            scores["CIDEr"] = cider_d({k: v[0] for k, v in res.items()}, gts)[0]
+        if spice and java:
             scores["SPICE"] = _spice(gts, res)
     return scores
+
+
+@functools.cache
+def warn_if_no_java() -> None:
+    """`NO_JAVA`, once per process: at start-up, so a run says what it will leave out."""
+    if not has_java():
+        log.warning(NO_JAVA)

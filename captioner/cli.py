@@ -43,13 +43,15 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse type: an integer no less than `minimum`."""
+def at_least(minimum: int, below: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer no less than `minimum` (and less than `below`)."""
 
     def integer(text: str) -> int:
         value = int(text)
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        if below is not None and value >= below:
+            raise argparse.ArgumentTypeError(f"must be < {below}, got {value}")
         return value
 
     return integer

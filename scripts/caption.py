@@ -46,7 +46,7 @@ def build_parser() -> OneLineParser:
         help="sampling: among the K likeliest words only (default %(default)s: all)")  # fmt: skip
     add("--top-p", type=finite, default=1.0, metavar="P",
         help="sampling: the likeliest words holding mass P (default %(default)s)")  # fmt: skip
-    add("--seed", type=int, metavar="N", help="makes --sample reproducible")
+    add("--seed", type=at_least(0, below=2**63), metavar="N", help="makes --sample reproducible")
     add("--batch-size", type=at_least(1), default=16, metavar="N",
         help="images at a time (default %(default)s)")  # fmt: skip
     add("--device", help="cpu, cuda, cuda:N or mps (default: cuda if any)")

@@ -132,7 +132,8 @@ def call_main(*argv: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]
         (["--batch-size", "-1"], "argument --batch-size: must be >= 1, got -1"),
         (["--top-k", "x"], "argument --top-k: invalid integer value"),
         (["--device", "meta"], "device meta: captioner runs on cpu, cuda or mps"),
-        (["--sample", "--seed", str(2**70)], "seed must be in [0, 2**63)"),
+        (["--sample", "--seed", str(2**70)], f"argument --seed: must be < {2**63}, got {2**70}"),
+        (["--sample", "--seed", "-1"], "argument --seed: must be >= 0, got -1"),
         # a decoding value is named by the flag that sets it, not by its config key
         (["--length-penalty", "1e308"], "--length-penalty must be a number in [-100"),
         (["--sample", "--top-p", "1.5"], "--top-p must be in (0, 1], got 1.5"),

@@ -14,7 +14,8 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -203,13 +204,20 @@ def check_overrides(config_name: str, overrides: Sequence[str]) -> None:
         raise ConfigError(_explain(config_name, failed, rest, err)) from None
 
 
-def _compose(config_name: str, overrides: Sequence[str]) -> DictConfig:
+@contextmanager
+def _hydra() -> Iterator[GlobalHydra]:
+    """Hydra initialised on our config folder, and cleared after, so `hydra.main` starts fresh."""
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return compose(config_name, overrides=list(overrides), return_hydra_config=True)
+            yield GlobalHydra.instance()
     finally:
         GlobalHydra.instance().clear()
+
+
+def _compose(config_name: str, overrides: Sequence[str]) -> DictConfig:
+    with _hydra():
+        return compose(config_name, overrides=list(overrides), return_hydra_config=True)
 
 
 def _all_groups() -> set[str]:
@@ -218,12 +226,8 @@ def _all_groups() -> set[str]:
 
 def _check_option(group: str, option: str) -> None:
     """`option` is one of the group's configs, ours or a Hydra plugin's (hydra/launcher=...)."""
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            options = GlobalHydra.instance().config_loader().get_group_options(group)
-    finally:
-        GlobalHydra.instance().clear()
+    with _hydra() as hydra:
+        options = hydra.config_loader().get_group_options(group)
     if option in options or option == "null":
         return
     close = difflib.get_close_matches(option, options, n=1)

@@ -483,15 +483,21 @@ def _write_json(cfg: DictConfig, name: str, value: Any, trainer: L.Trainer | Non
     return path
 
 
+def _data_changes(cfg: DictConfig) -> dict[str, Any] | None:
+    """None for a `data=...` of the command line; else the keys (`+data.key=...`) that change
+    the data config the checkpoint records."""
+    if cfg.get("data") is None:
+        return {}
+    return None if "_target_" in cfg.data else OmegaConf.to_container(cfg.data, resolve=True)
+
+
 def _eval_datamodule(cfg: DictConfig, contents: CheckpointContents) -> Any:
     """`data=...` from the command line when given, else the data the checkpoint was trained
     on, rebuilt from its record, never instantiated from it; image size and caption length
     always follow the model."""
     model = {"image_size": list(contents.config.image_size), "max_len": contents.config.max_len}
-    if (
-        cfg.get("data") is None or "_target_" not in cfg.data
-    ):  # +data.key=...: the recorded one, changed
-        changes = OmegaConf.to_container(cfg.data, resolve=True) if cfg.get("data") else {}
+    changes = _data_changes(cfg)
+    if changes is not None:
         return contents.datamodule(**changes, **model)
     with open_dict(cfg):  # in place, so interpolations (${paths.root_dir}) still resolve
         cfg.data.merge_with(model)
@@ -546,10 +552,11 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         results = [{"image_id": k, "caption": captions[k]} for k in ordered]
         prediction_paths[split] = _write_json(cfg, name, results, trainer)
     metrics_path = _write_json(cfg, "metrics.json", dict(sorted(metrics.items())), trainer)
-    given = OmegaConf.to_container(cfg.data, resolve=True) if cfg.get("data") else {}
+    changes = _data_changes(cfg)
     card = evaluation_card(
         contents.source, contents.kind,
-        given if "_target_" in given else {**(contents.data or {}), **given},
+        OmegaConf.to_container(cfg.data, resolve=True) if changes is None
+        else {**(contents.data or {}), **changes},
         {split: len(captions) for split, captions in model.predictions.items()},
         dataclasses.asdict(model.decoding), tokenizer_name(fast=False), has_java(),
     )  # fmt: skip

@@ -218,7 +218,7 @@ class _Search:
 
     stepper: _Stepper
     recorder: _Recorder | None
-    batch: int  # images
+    batch: int  # images (beam search); rows (greedy, sampling: samples x images)
     steps: int  # most tokens per caption
     ids: tuple[int, int, int]  # <bos>, <eos>, <pad>
     options: DecodingOptions
@@ -399,7 +399,7 @@ class _Search:
 @torch.no_grad()
 def generate(
     model: CaptionerModel,
-    images: torch.Tensor,
+    images: torch.Tensor | None,
     bos_id: int,
     eos_id: int,
     pad_id: int,
@@ -407,27 +407,36 @@ def generate(
     *,
     need_weights: bool = False,
     generator: torch.Generator | None = None,
+    memory: torch.Tensor | None = None,
+    samples: int = 1,
 ) -> Generated:
     """Captions for a batch of normalised images (B, C, H, W), one per image.
 
     With `need_weights` the result carries each token's image and self-attention, through the
-    explicit attention path. `generator` makes sampling reproducible.
+    explicit attention path. `generator` makes sampling reproducible. `memory`: the image
+    tokens, already encoded (`CaptionerModel.encode`), in place of `images`. `samples` > 1
+    (sampling only) draws that many captions per image, rows image-major, every draw reading
+    its image's cached keys and values: the captions self-critical training scores.
     """
     options = options or DecodingOptions()
     steps = options.resolve_max_length(model.config)
+    if samples < 1 or (samples > 1 and not options.do_sample):
+        raise ConfigError(f"{samples} captions per image need do_sample (and samples >= 1).")
     ids = (bos_id, eos_id, pad_id)
     was_training = model.training
     model.eval()
     try:
-        memory, _ = model.encode(images)  # (B, S, D): once per image
-        batch, device = images.shape[0], images.device
-        k = options.beam_size
+        if memory is None:
+            assert images is not None
+            memory, _ = model.encode(images)  # (B, S, D): once per image
+        batch, device = memory.shape[0], memory.device
+        k = max(options.beam_size, samples)  # rows per image
         search = _Search(
             stepper=_Stepper(model, memory, k, steps, options.use_cache, need_weights),
             recorder=_Recorder(steps, batch * k, model, device) if need_weights else None,
-            batch=batch, steps=steps, ids=ids, options=options, device=device,
+            batch=batch * samples, steps=steps, ids=ids, options=options, device=device,
             vocab_size=model.config.vocab_size,
         )  # fmt: skip
-        return search.beam_search() if k > 1 else search.greedy_or_sample(generator)
+        return search.beam_search() if options.beam_size > 1 else search.greedy_or_sample(generator)
     finally:
         model.train(was_training)

@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
 from functools import partial
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -111,10 +112,11 @@ class CaptionDataModule(LightningDataModule):
     """Loaders for train / val / one or more test splits, and the training vocabulary.
 
     Subclasses provide `split_names()` (from the config alone; names starting with "test" are
-    test sets), `dataset(split)`, `training_captions()` and `preprocess`, the image
-    preprocessing that checkpoints keep; `vocab_cache_file()` when the vocabulary is worth
-    caching. A split's data is read only when its loader is asked for, so evaluating a
-    checkpoint needs its test data, not the training data. Bad samples reach the main
+    test sets), `dataset(split)`, `training_references()` and `preprocess`, the image
+    preprocessing that checkpoints keep; `training_cache_file(kind)` when what is built from the
+    training captions (the vocabulary, CIDEr-D statistics) is worth caching. A split's data is
+    read only when its loader is asked for, so evaluating a checkpoint needs its test data, not
+    the training data. Bad samples reach the main
     process in each batch and go to `bad_samples`, which applies `data.on_bad_sample`.
 
     With `cache_features`, training reads a frozen encoder's outputs from a `FeatureStore`
@@ -184,19 +186,22 @@ class CaptionDataModule(LightningDataModule):
         input; when scanning, decoded whole, so every byte is checked."""
         return None if scan else self.preprocess.image_size
 
-    def training_captions(self) -> Iterable[str]:
+    def training_references(self) -> Iterable[Sequence[str]]:
+        """Every training image's captions, one list per image."""
         raise NotImplementedError
 
-    def vocab_cache_file(self) -> Path | None:
-        """Where the vocabulary is cached (a name keyed on data and settings), or None."""
+    def training_cache_file(self, kind: str) -> Path | None:
+        """Where something built from the training captions (`kind`: "vocab", "cider-df") is
+        cached: a name keyed on the data and its settings; None: not cached."""
         return None
 
     @property
     def tokenizer(self) -> Tokenizer:
         """Built once from the training captions only, so no test word leaks into training."""
         if self._tokenizer is None:
-            cache_file = self.vocab_cache_file()
-            build = partial(Tokenizer.build, self.training_captions(), self.min_freq)
+            cache_file = self.training_cache_file("vocab")
+            captions = chain.from_iterable(self.training_references())
+            build = partial(Tokenizer.build, captions, self.min_freq)
             self._tokenizer = build() if cache_file is None else cached_tokenizer(build, cache_file)
         return self._tokenizer
 
@@ -539,9 +544,9 @@ class ShapesDataModule(CaptionDataModule):
             "data.cache_features=true on shapes needs data.feature_dir: a folder for the store."
         )
 
-    def training_captions(self) -> Iterable[str]:
+    def training_references(self) -> Iterable[Sequence[str]]:
         for index in range(self.sizes["train"]):
-            yield from self.world.scene("train", index).captions
+            yield self.world.scene("train", index).captions
 
 
 def _discard(image: Image.Image) -> None:

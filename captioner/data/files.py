@@ -127,9 +127,9 @@ class FileCaptionDataModule(ImageDataModule):
         transform = self.image_transform(split, scan)
         return ImageCaptionDataset(records, transform, every_caption, self.decode_size(scan))
 
-    def training_captions(self) -> Iterable[str]:
+    def training_references(self) -> Iterable[Sequence[str]]:
         for record in self.records("train"):
-            yield from record.captions
+            yield record.captions
 
     def feature_images(self, split: str) -> Dataset:
         records = self.records(split)
@@ -143,13 +143,13 @@ class FileCaptionDataModule(ImageDataModule):
     def default_feature_dir(self) -> Path:
         return self.training_sources()[0].parent / "features"
 
-    def vocab_cache_file(self) -> Path | None:
+    def training_cache_file(self, kind: str) -> Path | None:
         sources = self.training_sources()
         for path in sources:
             if not path.is_file():
                 raise DataError(f"{path}: no such file; check the training annotation keys.")
         key = data_key(sources, self.vocab_settings(), read_contents=True)
-        return sources[0].with_name(f"{sources[0].name}.vocab-{key}.json")
+        return sources[0].with_name(f"{sources[0].name}.{kind}-{key}.json")
 
     def vocab_settings(self) -> dict[str, Any]:
         """What besides the files decides the training captions (e.g. which splits)."""

@@ -327,14 +327,14 @@ class WebDataModule(ImageDataModule):
             collate_fn=self.collator(split, train),
         )
 
-    def training_captions(self) -> Iterator[str]:
+    def training_references(self) -> Iterator[list[str]]:
         shards = self.shards["train"][: self.vocab_shards]
         for raw in read_shards(shards, select_files=_is_caption_file):
             captions = [] if BAD in raw else sample_captions(raw)
-            if isinstance(captions, list):  # bad ones are reported when training reads them
-                yield from captions
+            if isinstance(captions, list) and captions:  # bad ones: reported when training reads
+                yield captions
 
-    def vocab_cache_file(self) -> Path | None:
+    def training_cache_file(self, kind: str) -> Path | None:
         shards = self.shards["train"][: self.vocab_shards]
         check_shards(shards, "data.train_shards")
         local = [Path(s.removeprefix("file:")) for s in shards if not s.startswith(REMOTE_PREFIXES)]
@@ -342,7 +342,7 @@ class WebDataModule(ImageDataModule):
             return None  # remote shards: no folder of ours to cache into
         settings = {**tokenizer_settings(self.min_freq), "format": "webdataset"}
         key = data_key(local, settings, read_contents=False)
-        return local[0].with_name(f"shards.vocab-{key}.json")
+        return local[0].with_name(f"shards.{kind}-{key}.json")
 
 
 def _is_caption_file(name: str) -> bool:

@@ -1,4 +1,5 @@
-"""The training vocabulary, cached next to the data it was built from.
+"""The training vocabulary (and other statistics of the training captions), cached next to the
+data it was built from.
 
 Building it means reading every training caption (for web-scale shards, a pass over every
 tar file), so it is done once and stored beside the data in a file whose name carries a key.
@@ -16,11 +17,13 @@ import os
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from captioner.data.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 def data_key(sources: Sequence[Path], settings: dict[str, Any], read_contents: bool) -> str:
@@ -42,32 +45,47 @@ def data_key(sources: Sequence[Path], settings: dict[str, Any], read_contents: b
     return digest.hexdigest()[:16]
 
 
-def cached_tokenizer(build: Callable[[], Tokenizer], cache_file: Path) -> Tokenizer:
-    """The tokenizer stored in `cache_file`, or `build()` and store it there.
+def cached_json(
+    build: Callable[[], T],
+    cache_file: Path,
+    to_dict: Callable[[T], Any],
+    from_dict: Callable[[Any], T],
+    describe: Callable[[T], str],
+) -> T:
+    """The value stored in `cache_file`, or `build()` and store it there (as JSON).
 
     An unreadable cache is rebuilt; a folder that cannot be written only costs the cache.
+    `describe` names the value in the log lines.
     """
     if cache_file.is_file():
         try:
-            tokenizer = Tokenizer.from_dict(json.loads(cache_file.read_text()))
+            value = from_dict(json.loads(cache_file.read_text()))
         except (OSError, ValueError, KeyError, TypeError) as err:
-            log.warning("ignoring unreadable vocabulary cache %s (%s): rebuilding", cache_file, err)
+            log.warning("ignoring unreadable cache %s (%s): rebuilding", cache_file, err)
         else:
-            log.info("vocabulary of %d words read from %s", len(tokenizer), cache_file)
-            return tokenizer
-    tokenizer = build()
+            log.info("%s read from %s", describe(value), cache_file)
+            return value
+    value = build()
     tmp = None
     try:  # write then rename, so a concurrent reader never sees half a file
         fd, tmp = tempfile.mkstemp(dir=cache_file.parent, prefix=cache_file.name, suffix=".tmp")
         with os.fdopen(fd, "w") as handle:
-            json.dump(tokenizer.to_dict(), handle)
+            json.dump(to_dict(value), handle)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # readable by whoever shares the data, as files usually are
         os.replace(tmp, cache_file)
-        log.info("vocabulary of %d words cached in %s", len(tokenizer), cache_file)
+        log.info("%s cached in %s", describe(value), cache_file)
     except OSError as err:
-        log.warning("could not cache the vocabulary next to the data (%s): continuing", err)
+        log.warning("could not cache %s next to the data (%s): continuing", describe(value), err)
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
-    return tokenizer
+    return value
+
+
+def cached_tokenizer(build: Callable[[], Tokenizer], cache_file: Path) -> Tokenizer:
+    """The tokenizer stored in `cache_file`, or `build()` and store it there."""
+    return cached_json(
+        build, cache_file, Tokenizer.to_dict, Tokenizer.from_dict,
+        lambda tokenizer: f"vocabulary of {len(tokenizer)} words",
+    )  # fmt: skip

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import statistics
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -42,6 +43,7 @@ class Run:
     metrics: dict[str, float]
     config: CaptionerConfig
     curve: dict[int, float] = field(default_factory=dict)  # step -> val/scene_acc
+    name: str | None = None  # the row it belongs to, where the user named it
 
     def seconds_at(self, step: int) -> float:
         """Training seconds when `step` was reached, at the run's mean pace (validation
@@ -62,6 +64,19 @@ class Variant:
     attention_flops: dict[str, int] = field(default_factory=dict)  # per caption
 
 
+def named_paths(arguments: Iterable[str]) -> list[tuple[str | None, Path]]:
+    """RUN_DIR or NAME=RUN_DIR arguments: a NAME is a word (letters, digits, `_.+-`), and an
+    argument that names an existing path is a path, whatever it holds."""
+    named: list[tuple[str | None, Path]] = []
+    for argument in arguments:
+        name, sep, rest = argument.partition("=")
+        if sep and re.fullmatch(r"[\w.+-]+", name) and not Path(argument).exists():
+            named.append((name, Path(rest)))
+        else:
+            named.append((None, Path(argument)))
+    return named
+
+
 def find_runs(paths: Iterable[Path]) -> list[Path]:
     """Run folders: each path is one (it holds `metrics.json`) or holds some, at any depth,
     as a multirun's folder does."""
@@ -80,14 +95,14 @@ def find_runs(paths: Iterable[Path]) -> list[Path]:
     return found
 
 
-def load_run(folder: Path) -> Run:
+def load_run(folder: Path, name: str | None = None) -> Run:
     """A run's metrics, and its architecture from one of its checkpoints (loaded as safely as
     any: a run folder is data, not code)."""
     metrics = json.loads((folder / "metrics.json").read_text())
     checkpoints = sorted((folder / "checkpoints").glob("*.ckpt"))
     if not checkpoints:
         raise CheckpointError(f"{folder}: no checkpoints/*.ckpt to read the architecture from")
-    return Run(folder, metrics, load_checkpoint(checkpoints[-1]).config, _curve(folder))
+    return Run(folder, metrics, load_checkpoint(checkpoints[-1]).config, _curve(folder), name)
 
 
 def _curve(folder: Path, key: str = "val/scene_acc") -> dict[int, float]:
@@ -103,14 +118,29 @@ def _curve(folder: Path, key: str = "val/scene_acc") -> dict[int, float]:
 
 
 def group_runs(runs: Sequence[Run]) -> list[Variant]:
-    """Runs with the same architecture in one variant, in the order first met; variants that
-    share a fusion but differ elsewhere are told apart by a number."""
+    """Runs the user named alike in one variant of that name (training recipes of one
+    architecture: cross-entropy, SCST, ...); the others, runs of the same architecture in one
+    variant, in the order first met, and variants that share a fusion but differ elsewhere
+    told apart by a number."""
     variants: list[Variant] = []
+    named: dict[str, Variant] = {}
     for run in runs:
-        match = next((v for v in variants if v.config.to_dict() == run.config.to_dict()), None)
+        if run.name is not None:
+            if run.name not in named:
+                named[run.name] = Variant(run.name, run.config)
+                variants.append(named[run.name])
+            elif named[run.name].config.to_dict() != run.config.to_dict():
+                raise DataError(
+                    f"{run.folder}: its architecture differs from the other runs named "
+                    f"{run.name!r}; a named row holds runs of one architecture."
+                )
+            named[run.name].runs.append(run)
+            continue
+        same_model = (v for v in variants if v.config.to_dict() == run.config.to_dict())
+        match = next((v for v in same_model if v.name not in named), None)
         if match is None:
             name = run.config.label
-            same = sum(v.config.label == name for v in variants)
+            same = sum(v.config.label == name for v in variants if v.name not in named)
             match = Variant(name if not same else f"{name} #{same + 1}", run.config)
             variants.append(match)
         match.runs.append(run)

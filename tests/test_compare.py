@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from captioner.compare import Variant, find_runs, markdown_table
+from captioner.compare import Run, Variant, find_runs, group_runs, markdown_table, named_paths
 from captioner.errors import DataError
 from tests.conftest import tiny_config
 
@@ -82,3 +82,23 @@ def test_one_run_shows_its_value_without_a_spread() -> None:
     variant.attention_flops = {"encoder": 10**6, "decoder_self": 0, "image_reading": 0}
     table = markdown_table([variant])
     assert "| cross | 0 | 0.00 | – |" in table  # no runs: no scores, never a made-up one
+
+
+def test_named_run_folders_are_rows_of_their_own(tmp_path: Path) -> None:
+    """Training recipes of one architecture (cross-entropy, SCST) get a row each when named;
+    unnamed runs of that architecture still share one."""
+    (tmp_path / "a=b").mkdir()
+    assert named_paths(["scst=logs/x", "logs/y", f"{tmp_path}/a=b", "not a name=z"]) == [
+        ("scst", Path("logs/x")), (None, Path("logs/y")), (None, tmp_path / "a=b"),
+        (None, Path("not a name=z")),
+    ]  # fmt: skip
+    config = tiny_config()
+    runs = [
+        Run(tmp_path / str(i), {}, config, name=name)
+        for i, name in enumerate(["scst", "ce", "scst", None, None])
+    ]
+    variants = group_runs(runs)
+    assert [(v.name, len(v.runs)) for v in variants] == [("scst", 2), ("ce", 1), ("cross", 2)]
+    other = Run(tmp_path / "9", {}, tiny_config(decoder="prefix"), name="ce")
+    with pytest.raises(DataError, match="architecture differs from the other runs named 'ce'"):
+        group_runs([*runs, other])

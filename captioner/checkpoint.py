@@ -58,6 +58,7 @@ REQUIRED = ("config", "tokenizer", "preprocess")
 TEMPORARY_SUFFIX = ".tmp"  # a checkpoint being written: `.<name>.ckpt.<random>.tmp`
 _PATH_KEYS = ("best_model_path", "last_model_path", "kth_best_model_path")
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+OBJECTIVES = ("cross_entropy", "self_critical")  # what a checkpoint was trained on
 MAX_NESTING = 100  # levels of containers in a checkpoint's pickle (Lightning's: about ten)
 MAX_PICKLE_BYTES = 1 << 30  # the pickle of a checkpoint (not its tensors): far below this
 _HELP = "use a .ckpt written by scripts/train.py or a folder written by scripts/export.py"
@@ -84,6 +85,7 @@ class CheckpointContents:
     preprocess: dict[str, Any]  # `ImagePreprocess.to_dict()`
     state_dict: dict[str, torch.Tensor]  # `CaptionerModel` weights
     data: dict[str, Any] | None = None  # the data config it was trained on
+    objective: str = "cross_entropy"  # or "self_critical" (`captioner.scst`)
 
     def build_model(self) -> CaptionerModel:
         """The model with these weights, in eval mode; a library encoder's architecture only
@@ -121,6 +123,7 @@ class CheckpointContents:
             "tokenizer": self.tokenizer,
             "preprocess": self.preprocess,
             "data": self.data,
+            "objective": self.objective,
         }
 
 
@@ -170,9 +173,15 @@ def _contents(meta: Any, state: Any, source: Path, kind: str) -> CheckpointConte
     data = meta.get("data")
     if data is not None:
         _field(source, "data", lambda: check_data_config(data))
+    objective = meta.get("objective", "cross_entropy")  # older checkpoints: cross-entropy
+    if objective not in OBJECTIVES:
+        raise CheckpointError(
+            f"{source}: field 'objective' must be one of {', '.join(OBJECTIVES)}, got "
+            f"{short(objective)}."
+        )
     _check_weights(config, state, source)
     return CheckpointContents(
-        source, kind, config, tokenizer.to_dict(), preprocess.to_dict(), state, data
+        source, kind, config, tokenizer.to_dict(), preprocess.to_dict(), state, data, objective
     )
 
 

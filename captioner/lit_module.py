@@ -25,6 +25,12 @@ from captioner.generation import DecodingOptions
 from captioner.loss import linear_cross_entropy
 from captioner.metrics import box_coverage, grounding_loss
 from captioner.models import CaptionerConfig, CaptionerModel
+from captioner.scst import (
+    CaptionReward,
+    SelfCritical,
+    self_critical_loss,
+    training_document_frequency,
+)
 from captioner.seeding import mix_seed
 from captioner.values import is_int, short
 
@@ -152,7 +158,9 @@ class CaptionerLitModule(LightningModule):
     which object each word names (shapes); on such data, validation and test also score
     grounding (`<split>/grounding/...`). `compile` runs the training loss (forward and
     backward) through `torch.compile`: a GPU speed-up; on CPUs the step is matmul-bound and
-    the first step's compilation costs more than it saves. `nonfinite` says what a NaN or
+    the first step's compilation costs more than it saves. `scst` (`SelfCritical` keys) trains
+    on CIDEr-D rewards of the model's own captions instead of cross-entropy: self-critical
+    training, usually started from a cross-entropy checkpoint. `nonfinite` says what a NaN or
     infinite loss or gradient does: `stop` raises `TrainingError` naming the step and the
     batch (no checkpoint is written after it), `skip` logs it and leaves the weights as they
     were.
@@ -173,6 +181,7 @@ class CaptionerLitModule(LightningModule):
         spice: bool = False,
         compile: bool = False,
         nonfinite: str = "stop",
+        scst: dict[str, Any] | None = None,
         **architecture: Any,
     ) -> None:
         super().__init__()
@@ -214,6 +223,14 @@ class CaptionerLitModule(LightningModule):
         self.label_smoothing = label_smoothing
         self.attention_supervision = attention_supervision
         self.nonfinite = nonfinite
+        self.self_critical = None if scst is None else SelfCritical.from_config(scst)
+        if self.self_critical is not None and attention_supervision:
+            raise ConfigError(
+                "model.attention_supervision trains attention on reference captions, which "
+                "self-critical training (model.scst) does not read: set "
+                "model.attention_supervision=0 for it."
+            )
+        self._reward: CaptionReward | None = None  # made when self-critical training starts
         self._batch_ids: list[Any] = []  # the training batch being stepped, for error messages
         self._epoch_samples = self._epoch_batches = 0  # this epoch's, in this process
         self.run_seed = torch.initial_seed()  # as `seed_everything` left it
@@ -271,6 +288,37 @@ class CaptionerLitModule(LightningModule):
     def on_train_epoch_start(self) -> None:
         self._epoch_samples = self._epoch_batches = 0
 
+    def on_fit_start(self) -> None:
+        """Self-critical rewards need CIDEr-D statistics of the training references: read or
+        built here, once per run, from the data module's training split."""
+        if self.self_critical is None or self._reward is not None:
+            return
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None:
+            raise ConfigError(
+                "self-critical training (model.scst) rewards CIDEr-D against the training "
+                "references, which it reads from a data module: fit with datamodule=..."
+            )
+        document_frequency = training_document_frequency(
+            datamodule.training_references(), datamodule.training_cache_file("cider-df")
+        )
+        self._reward = CaptionReward(document_frequency, self.self_critical.length)
+
+    def self_critical_loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The batch's self-critical loss (`captioner.scst`); its reward, baseline, |advantage|,
+        caption length and entropy go to the log."""
+        assert self.self_critical is not None and self._reward is not None
+        images, memory = _inputs(batch)
+        if memory is None:
+            memory, _ = self.net.encode(images)
+        loss, stats = self_critical_loss(
+            self.net, memory, batch["references"], self.tokenizer, self.self_critical,
+            self._reward,
+        )  # fmt: skip
+        for name, value in stats.items():
+            self.log(f"train/{name}", value, prog_bar=name == "reward", batch_size=len(memory))
+        return loss
+
     def on_train_batch_end(self, outputs: Any, batch: dict[str, Any], batch_idx: int) -> None:
         """After the epoch's last batch, before validation and checkpoints: stop if there was
         nothing to train on (every sample bad and skipped), instead of saving an untrained
@@ -300,7 +348,9 @@ class CaptionerLitModule(LightningModule):
             # under DDP every rank must run backward: a zero loss that touches every weight
             return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
         size = len(batch["tokens"])
-        if not self.attention_supervision:
+        if self.self_critical is not None:
+            loss = self.self_critical_loss(batch)
+        elif not self.attention_supervision:
             loss = self.loss(batch)
         else:
             loss, grounding = self.supervised_loss(batch)
@@ -309,7 +359,8 @@ class CaptionerLitModule(LightningModule):
         self._batch_ids = list(batch["image_ids"])
         if not self._all_ranks(bool(torch.isfinite(loss))):
             return self._nonfinite("loss", batch_idx)
-        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        name = "train/loss" if self.self_critical is None else "train/scst_loss"
+        self.log(name, loss, prog_bar=self.self_critical is None, batch_size=size)
         return loss
 
     def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
@@ -421,6 +472,7 @@ class CaptionerLitModule(LightningModule):
             "tokenizer": self.tokenizer.to_dict(),
             "preprocess": self.preprocess,
             "data": self.data_config,
+            "objective": "cross_entropy" if self.self_critical is None else "self_critical",
         }
         checkpoint["run_seed"] = self.run_seed
 

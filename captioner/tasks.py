@@ -198,6 +198,20 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     folders = _checkpoint_folders(callbacks)
     ckpt_path = _resume_from(cfg.get("ckpt_path"), folders)  # checked before anything runs
     resumed = None if ckpt_path is None else _resumable(ckpt_path)
+    start = _starting_weights(cfg.get("init_from"))
+    if (
+        resumed is not None and resumed.objective == "cross_entropy"
+        and cfg.model.get("scst") is not None and cfg.get("train", True)
+    ):  # fmt: skip
+        log.info(
+            "%s was trained with cross-entropy: self-critical training starts from its weights "
+            "with a new optimizer, schedule and data order (ckpt_path=last resumes this run)",
+            ckpt_path,
+        )  # fmt: skip
+        start, resumed, ckpt_path = resumed, None, None
+    if resumed is not None and start is not None:
+        log.info("init_from=%s is not used: resuming from %s", cfg.init_from, ckpt_path)
+        start = None
     if cfg.get("train", True):
         _check_run_folders(folders, ckpt_path)
     if cfg.get("seed") is not None:
@@ -207,8 +221,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         cfg.trainer, callbacks=callbacks, logger=_instantiate_group(cfg.get("logger")) or False
     )
     _check_processes_can_start(trainer)
-    if resumed is not None:  # the vocabulary it was trained with, never one rebuilt
-        datamodule.tokenizer = Tokenizer.from_dict(resumed.tokenizer)
+    source = resumed or start
+    if source is not None:  # the vocabulary it was trained with, never one rebuilt
+        datamodule.tokenizer = Tokenizer.from_dict(source.tokenizer)
     model = _instantiate(
         cfg.model, tokenizer=datamodule.tokenizer, preprocess=datamodule.preprocess.to_dict()
     )
@@ -224,7 +239,14 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             )
         trainer.callbacks.append(StoredFeatures())
     if resumed is not None:
-        _check_same_architecture(resumed, model.config)
+        _check_same_architecture(resumed, model.config, "ckpt_path", "resume with the settings "
+                                 "it was trained with, or start a new run")  # fmt: skip
+    if start is not None:
+        _check_same_architecture(start, model.config, "init_from", "give this run its "
+                                 "architecture to start from its weights")  # fmt: skip
+        start.load_into(model.net)
+        if rank_zero_only.rank == 0:
+            log.info("starting from the weights of %s", start.source)
     model.data_config = record_data_config(OmegaConf.to_container(cfg.data, resolve=True))
     num_params = model.net.num_parameters()
     for logger in trainer.loggers:  # Lightning's loggers write on rank 0 only
@@ -344,19 +366,34 @@ def _resumable(path: Path) -> CheckpointContents:
     return contents
 
 
-def _check_same_architecture(contents: CheckpointContents, config: CaptionerConfig) -> None:
-    """Resuming needs the model the checkpoint was trained as (dropout may change): name
-    every key that differs."""
+def _starting_weights(init_from: str | None) -> CheckpointContents | None:
+    """The checkpoint (a .ckpt, a run folder or an export) whose weights a new run starts
+    from: fine-tuning, or self-critical training after cross-entropy."""
+    if not init_from:
+        return None
+    path, note = resolve_checkpoint(init_from)
+    if note is not None:
+        log.info(note)
+    if not path.exists():
+        raise ConfigError(
+            f"init_from={init_from}: no such checkpoint; give the path of a .ckpt, a run folder "
+            "or a folder written by scripts/export.py."
+        )
+    return load_checkpoint(path)
+
+
+def _check_same_architecture(
+    contents: CheckpointContents, config: CaptionerConfig, key: str, fix: str
+) -> None:
+    """Resuming, or starting from a checkpoint's weights, needs the model the checkpoint was
+    trained as (dropout may change): name every key that differs."""
     theirs = _flat(contents.config.to_dict())
     ours = _flat(config.without_downloads().to_dict())  # the weights come from the checkpoint
     changed = [key for key in ours if ours[key] != theirs.get(key) and key != "dropout"]
     if changed:
         names = {k: "data.image_size" if k == "encoder.image_size" else f"model.{k}" for k in ours}
         differences = ", ".join(f"{names[k]}={theirs[k]} (this run: {ours[k]})" for k in changed)
-        raise ConfigError(
-            f"ckpt_path={contents.source} was trained with {differences}: resume with the "
-            "settings it was trained with, or start a new run."
-        )
+        raise ConfigError(f"{key}={contents.source} was trained with {differences}: {fix}.")
 
 
 def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -111,6 +111,10 @@ class Generated:
     token_logprobs: torch.Tensor  # (B, T) log p(token | image, tokens before), 0 past the end
     image_attention: torch.Tensor | None = None  # (B, layers, heads, T, patches)
     self_attention: torch.Tensor | None = None  # (B, layers, heads, T, T) over <bos>, tokens
+    # beam search: every hypothesis that ended, best first (B, beams, T), and the sum of its
+    # log-probabilities (B, beams), -inf where fewer ended
+    beam_tokens: torch.Tensor | None = None
+    beam_logprobs: torch.Tensor | None = None
 
 
 class _Stepper:
@@ -370,30 +374,49 @@ class _Search:
         links: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
         ran: int,
     ) -> Generated:
-        """The best ended hypothesis of each image, read back from its last token through the
-        recorded (token, parent row, log-probability) of every step."""
+        """The best ended hypothesis of each image, and every hypothesis of the pool best
+        first (`beam_tokens`, `beam_logprobs`)."""
+        order = pool["score"].argsort(dim=1, descending=True)  # (B, k)
+        ranked = [
+            self._hypothesis(pool, links, ran, order[:, r : r + 1]) for r in range(order.shape[1])
+        ]
+        tokens, token_logprobs, query_rows, lengths = ranked[0]
+        out = Generated(tokens, lengths, token_logprobs)
+        if self.recorder is not None:
+            out.image_attention, out.self_attention = self.recorder.gather(query_rows, lengths)
+        ended = torch.isfinite(pool["score"].gather(1, order))  # (B, k): a pool slot ever filled
+        out.beam_tokens = torch.stack([r[0] for r in ranked], dim=1)
+        sums = torch.stack([r[1].sum(dim=1) for r in ranked], dim=1)
+        out.beam_logprobs = sums.masked_fill(~ended, float("-inf"))
+        return out
+
+    def _hypothesis(
+        self,
+        pool: dict[str, torch.Tensor],
+        links: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        ran: int,
+        pick: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The pool entry `pick` (B, 1) of each image, read back from its last token through
+        the recorded (token, parent row, log-probability) of every step: its tokens, their
+        log-probabilities, the row whose query chose each, and its length."""
         step_token, step_parent, step_logprob = links
         batch, device, pad_id = self.batch, self.device, self.ids[2]
-        best = pool["score"].argmax(dim=1, keepdim=True)
-        end = pool["step"].gather(1, best).squeeze(1)  # (B,) last position
-        query = pool["row"].gather(1, best).squeeze(1)  # the row whose query chose it
+        end = pool["step"].gather(1, pick).squeeze(1)  # (B,) last position
+        query = pool["row"].gather(1, pick).squeeze(1)  # the row whose query chose it
         tokens = torch.full((batch, ran), pad_id, dtype=torch.long, device=device)
         token_logprobs = torch.zeros(batch, ran, device=device)
         query_rows = torch.zeros(batch, ran, dtype=torch.long, device=device)
         everyone = torch.arange(batch, device=device)
-        tokens[everyone, end] = pool["token"].gather(1, best).squeeze(1)
-        token_logprobs[everyone, end] = pool["logprob"].gather(1, best).squeeze(1)
+        tokens[everyone, end] = pool["token"].gather(1, pick).squeeze(1)
+        token_logprobs[everyone, end] = pool["logprob"].gather(1, pick).squeeze(1)
         for s in reversed(range(ran)):
             inside = s < end
             tokens[:, s] = torch.where(inside, step_token[s, query], tokens[:, s])
             token_logprobs[:, s] = torch.where(inside, step_logprob[s, query], token_logprobs[:, s])
             query = torch.where(inside, step_parent[s, query], query)
             query_rows[:, s] = query
-        lengths = end + 1
-        out = Generated(tokens, lengths, token_logprobs)
-        if self.recorder is not None:
-            out.image_attention, out.self_attention = self.recorder.gather(query_rows, lengths)
-        return out
+        return tokens, token_logprobs, query_rows, end + 1
 
 
 @torch.no_grad()

@@ -11,6 +11,7 @@ for result in captioner.caption(["cat.jpg", "dog.png"], beam_size=3, return_atte
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from captioner.checkpoint import load_checkpoint
+from captioner.checkpoint import CheckpointContents, load_checkpoint
 from captioner.data.tokenizer import Tokenizer
 from captioner.data.transforms import ImagePreprocess, load_image
 from captioner.errors import ConfigError, ImageLoadError
@@ -45,6 +46,9 @@ class Caption:
     image_attention: torch.Tensor | None = None  # (layers, heads, T, grid_h, grid_w)
     self_attention: torch.Tensor | None = None  # (layers, heads, T, T): keys <bos>, tokens[:-1]
     encoder_attention: torch.Tensor | None = None  # (layers, heads, patches, patches)
+    # beam search: every hypothesis that ended, best first (this caption first), with the sum
+    # of its log-probabilities
+    alternatives: list[tuple[str, float]] | None = None
 
     @property
     def logprob(self) -> float:
@@ -84,7 +88,17 @@ class Captioner:
 
         Nothing stored in the file is executed: see `captioner.checkpoint`.
         """
-        contents = load_checkpoint(path)
+        return cls.from_contents(load_checkpoint(path), device, dtype)
+
+    @classmethod
+    def from_contents(
+        cls,
+        contents: CheckpointContents,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype = torch.float32,
+    ) -> Captioner:
+        """The captioner of a checkpoint already read (`load_checkpoint`), for callers that
+        want its other parts too (the data config)."""
         return cls(
             contents.build_model(),
             Tokenizer.from_dict(contents.tokenizer),
@@ -216,6 +230,9 @@ def to_captions(out: Generated, tokenizer: Tokenizer, model: CaptionerModel) -> 
             cross = out.image_attention[i, :, :, :length, prefix:]  # (L, H, T, patches)
             caption.image_attention = cross.unflatten(-1, grid).cpu()
             caption.self_attention = out.self_attention[i, :, :, :length, :length].cpu()
+        if out.beam_tokens is not None and out.beam_logprobs is not None:
+            beams = zip(out.beam_tokens[i].tolist(), out.beam_logprobs[i].tolist(), strict=True)
+            caption.alternatives = [(tokenizer.decode(t), lp) for t, lp in beams if lp > -math.inf]
         results.append(caption)
     return results
 

@@ -155,6 +155,31 @@ def test_returned_history_is_what_the_model_computes_for_that_caption(
         assert not torch.isin(tokens, torch.tensor([BOS, PAD])).any()
 
 
+def test_beam_search_returns_every_ended_hypothesis_best_first(
+    model: CaptionerModel, images: torch.Tensor
+) -> None:
+    """The alternatives a page of beams shows: the first is the caption returned, the rest
+    rank below it, and each one's log-probability is what the model gives that caption."""
+    options = {"beam_size": 3, "length_penalty": 0.6}
+    out = run(model, images, **options)
+    assert out.beam_tokens is not None and out.beam_logprobs is not None
+    assert out.beam_tokens.shape[:2] == (len(images), 3)
+    for i in range(len(images)):
+        length = int(out.lengths[i])
+        assert torch.equal(out.beam_tokens[i, 0, :length], out.tokens[i, :length])
+        scores = []
+        for tokens, total in zip(out.beam_tokens[i], out.beam_logprobs[i].tolist(), strict=True):
+            ended = (tokens == EOS).nonzero()
+            tokens = tokens[: int(ended[0]) + 1] if len(ended) else tokens[tokens != PAD]
+            inputs = torch.cat([torch.tensor([BOS]), tokens[:-1]])[None]
+            logits = model(images[i : i + 1], inputs)[0]
+            expected = logits.log_softmax(-1).gather(1, tokens[:, None]).sum().item()
+            assert total == pytest.approx(expected, abs=1e-4)
+            scores.append(total / len(tokens) ** 0.6)
+        assert scores == sorted(scores, reverse=True)
+    assert run(model, images).beam_tokens is None  # greedy: no beams
+
+
 def test_image_attention_keys_and_values_are_projected_once_per_image(
     model: CaptionerModel, images: torch.Tensor
 ) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import signal
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -54,13 +55,26 @@ class ModelSummary(RichModelSummary):
 
 
 class ProgressBar(RichProgressBar):
-    """Lightning's rich progress bar without `v_num`, the logger's version number, which
-    says nothing about training."""
+    """Lightning's rich progress bar on stderr, and only when stderr is a terminal: piped or
+    redirected, a run's output and logs hold no bars. Without `v_num`, the logger's version
+    number, which says nothing about training."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(console_kwargs={"stderr": True}, **kwargs)
+        if not sys.stderr.isatty():  # not rich's test, which FORCE_COLOR=1 turns on
+            self.disable()
 
     def get_metrics(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
         metrics = super().get_metrics(trainer, pl_module)
         metrics.pop("v_num", None)
         return metrics
+
+
+def progress_bar(enabled: bool = True) -> Callback:
+    """What the configs' `rich_progress_bar` builds: a `ProgressBar`, or, where the trainer is
+    told `enable_progress_bar=false`, a callback that does nothing, since Lightning refuses to
+    start with that flag beside a progress bar callback."""
+    return ProgressBar() if enabled else Callback()
 
 
 class AttentionSamples(Callback):

@@ -1,4 +1,5 @@
-"""What the scripts share: one-line errors instead of tracebacks, and the metrics table."""
+"""What the scripts share: one-line errors instead of tracebacks, a progress bar for terminals
+only, and the metrics table."""
 
 from __future__ import annotations
 
@@ -7,11 +8,22 @@ import math
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import NoReturn
 
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TaskProgressColumn,
+    TextColumn,
+)
 from rich.table import Table
+from rich.text import Text
 
 from captioner.errors import CheckpointError, ConfigError, DataError, TrainingError
 
@@ -63,6 +75,55 @@ def finite(text: str) -> float:
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
     return value
+
+
+@contextmanager
+def progress(
+    description: str, total: int, unit: str, show: bool = True
+) -> Iterator[Callable[[], None]]:
+    """A bar on stderr counting the `unit`s done of `total`, with their rate and the time left;
+    yields the function that counts one more.
+
+    Drawn only when stderr is a terminal (and `show`): piped or redirected, a run writes its
+    results and nothing else, so its output stays machine-readable and its logs free of bars.
+    While the bar is up, lines printed to the terminal appear above it; a stdout sent
+    elsewhere is left alone.
+    """
+    if not (show and sys.stderr.isatty()):  # not rich's test, which FORCE_COLOR=1 turns on
+        yield lambda: None
+        return
+    bar = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TaskProgressColumn(),
+        PaceColumn(unit),
+        console=Console(stderr=True),
+        redirect_stdout=sys.stdout.isatty(),
+    )
+    with bar:
+        task = bar.add_task(description, total=total)
+        yield lambda: bar.advance(task)
+
+
+class PaceColumn(ProgressColumn):
+    """Units a second since the start, and the time left at that pace: rich's own estimate
+    reads a burst (a batch's results arrive all at once) as a huge rate."""
+
+    def __init__(self, unit: str) -> None:
+        super().__init__()
+        self.unit = unit
+
+    def render(self, task: Task) -> Text:
+        elapsed = task.elapsed or 0.0
+        if not task.completed or not elapsed:
+            return Text(f"- {self.unit}/s, eta -", style="progress.remaining")
+        rate = task.completed / elapsed
+        if task.finished:
+            took = timedelta(seconds=round(elapsed))
+            return Text(f"{rate:.1f} {self.unit}/s, took {took}", style="progress.elapsed")
+        left = timedelta(seconds=round((task.total - task.completed) / rate))
+        return Text(f"{rate:.1f} {self.unit}/s, eta {left}", style="progress.remaining")
 
 
 # what a paper's table shows, and grounding; the loss, per-layer and per-head figures and the

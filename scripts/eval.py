@@ -3,7 +3,8 @@
 PATH is a .ckpt from scripts/train.py, its run folder (its checkpoints/last.ckpt is read) or
 a folder from scripts/export.py; `ckpt_path=PATH` works too. The test split of the data the
 checkpoint was trained on is captioned and scored; predictions.json, metrics.json and
-eval.log go to logs/eval/runs/<date>_<time>/.
+eval.log go to logs/eval/runs/<date>_<time>/. On a terminal, a bar on stderr counts the test
+batches done, their rate and the time left; piped or redirected, none is drawn.
 """
 
 from __future__ import annotations

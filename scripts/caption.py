@@ -1,13 +1,17 @@
 """Caption image files with a trained checkpoint.
 
     python scripts/caption.py --ckpt PATH [--beam-size N] [--max-length N] [--dtype bf16]
-                              [--json] [--save-attention DIR] IMAGE_OR_DIR ...
+                              [--json] [--save-attention DIR] [--html FILE] [--no-progress]
+                              IMAGE_OR_DIR ...
 
 Prints `path<TAB>caption` per image (or, with --json, one JSON list). File names are printed
 with backslash escapes for backslashes, tabs, line breaks, other control characters and bytes
 that are not UTF-8, so each image is one line of two fields. Whatever is not a readable image
 (a broken link, a pipe, a file of another kind) is named on stderr and skipped; the exit
-status is 1 if there was any.
+status is 1 if there was any. `--html FILE` writes one page, self-contained (it opens with no
+network), where hovering a word of each caption lights up the patches it looked at. On a
+terminal, a bar on stderr counts the images done, their rate and the time left; piped or
+redirected, stderr holds errors only.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import os
 import sys
 from pathlib import Path
 
-from captioner.cli import OneLineParser, at_least, finite, user_errors
+from captioner.cli import OneLineParser, at_least, finite, progress, user_errors
 
 # torch and the package's modules are imported once the arguments are read: `--help` and a
 # wrong option answer at once
@@ -56,6 +60,10 @@ def build_parser() -> OneLineParser:
     add("--json", action="store_true", help="a JSON list on stdout")
     add("--save-attention", type=Path, metavar="DIR",
         help="per image: word overlays (.png), a GIF word by word, attention matrices")  # fmt: skip
+    add("--html", type=Path, metavar="FILE",
+        help="a page of every image: hover a word to see where it looked")  # fmt: skip
+    add("--no-progress", action="store_true",
+        help="no progress bar (drawn on stderr only when it is a terminal)")  # fmt: skip
     return parser
 
 
@@ -101,13 +109,14 @@ def caption(args: argparse.Namespace) -> int:
     from captioner.data.tokenizer import escape
     from captioner.generation import DecodingOptions
     from captioner.inference import Captioner, find_images
+    from captioner.viz.explorer import ExplorerImage, explorer
 
     sys.stdout.reconfigure(errors="backslashreplace")  # a terminal that is not UTF-8
     files = find_images(args.inputs)
     if not files:
         print("error: no files found in the given inputs", file=sys.stderr)
         return 1
-    listed, failed, figures, saved = [], 0, None, 0
+    listed, failed, figures, saved, page = [], 0, None, 0, []
     with user_errors():
         if args.save_attention is not None:
             from captioner.viz import AttentionFolder  # matplotlib: only when asked for
@@ -118,6 +127,7 @@ def caption(args: argparse.Namespace) -> int:
             print(escape(note), file=sys.stderr)
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         captioner = Captioner.from_checkpoint(ckpt, device=device, dtype=args.dtype)
+        prefix = captioner.model.encoder.num_prefix_tokens
         decoding = {
             "beam_size": args.beam_size,
             "max_length": args.max_length,
@@ -133,27 +143,33 @@ def caption(args: argparse.Namespace) -> int:
             files,
             batch_size=args.batch_size,
             seed=args.seed,
-            return_attention=figures is not None,
-            return_encoder_attention=figures is not None,
+            return_attention=figures is not None or args.html is not None,
+            return_encoder_attention=figures is not None or args.html is not None,
             **decoding,
         )
-        for path, result, image in results:
-            name = escape(str(path))
-            if isinstance(result, Exception):
-                print(f"error: {escape(str(result))}", file=sys.stderr)
-                failed += 1
-                continue
-            if args.json:
-                listed.append({"image": name, "caption": result.text})
-            else:
-                print(f"{name}\t{result.text}", flush=True)
-            if figures is not None:
-                try:
-                    figures.save(path, image, result, captioner.model.encoder.num_prefix_tokens)
-                    saved += 1
-                except Exception as err:  # one image's figures never stop the run
-                    print(f"error: {name}: figures not saved ({escape(str(err))})", file=sys.stderr)
+        with progress("captioning", len(files), "images", show=not args.no_progress) as done:
+            for path, result, image in results:
+                done()
+                name = escape(str(path))
+                if isinstance(result, Exception):
+                    print(f"error: {escape(str(result))}", file=sys.stderr)
                     failed += 1
+                    continue
+                if args.json:
+                    listed.append({"image": name, "caption": result.text})
+                else:
+                    print(f"{name}\t{result.text}", flush=True)
+                if args.html is not None:
+                    seen = captioner.preprocess.resize(image).permute(1, 2, 0).numpy()
+                    page.append(ExplorerImage(name, seen, result))
+                if figures is not None:
+                    try:
+                        figures.save(path, image, result, prefix)
+                        saved += 1
+                    except Exception as err:  # one image's figures never stop the run
+                        why = escape(str(err))
+                        print(f"error: {name}: figures not saved ({why})", file=sys.stderr)
+                        failed += 1
     if figures is not None:
         print(
             f"attention figures of {saved} image(s) written to {escape(str(figures.directory))} "
@@ -163,6 +179,12 @@ def caption(args: argparse.Namespace) -> int:
         )
     if args.json:
         print(json.dumps(listed, indent=2, ensure_ascii=False))
+    if args.html is not None and page:
+        with user_errors():
+            written = explorer(page, args.html, num_prefix_tokens=prefix)
+        size = written.stat().st_size / 1e6
+        print(f"attention explorer of {len(page)} image(s) written to "
+              f"{escape(str(written))} ({size:.1f} MB)", file=sys.stderr)  # fmt: skip
     if failed:
         print(f"{failed} of {len(files)} inputs could not be captioned", file=sys.stderr)
     return 1 if failed else 0

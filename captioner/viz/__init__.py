@@ -5,6 +5,7 @@ functions take `num_prefix_tokens` so a CLS token is dropped from maps but kept 
 """
 
 from captioner.viz.encoder import encoder_attention_from_patch, encoder_patch_map, query_map
+from captioner.viz.explorer import ExplorerImage, explorer, explorer_html
 from captioner.viz.files import AttentionFolder
 from captioner.viz.gif import save_gif
 from captioner.viz.matrices import attention_matrices
@@ -19,12 +20,15 @@ from captioner.viz.rollout import attention_rollout, rollout_overlay
 
 __all__ = [
     "AttentionFolder",
+    "ExplorerImage",
     "attention_matrices",
     "attention_rollout",
     "attention_to_pixels",
     "blend_heatmap",
     "encoder_attention_from_patch",
     "encoder_patch_map",
+    "explorer",
+    "explorer_html",
     "head_grid",
     "query_map",
     "rollout_overlay",

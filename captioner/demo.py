@@ -28,16 +28,8 @@ from captioner.data.stored import check_data_config
 from captioner.errors import ConfigError
 from captioner.generation import DecodingOptions
 from captioner.inference import Caption, Captioner
-from captioner.viz.gif import fit_pixels
-from captioner.viz.overlay import (
-    ALPHA,
-    as_rgb,
-    attention_to_pixels,
-    blend_heatmap,
-    head_grid,
-    shared_max,
-    word_maps,
-)
+from captioner.viz.gif import blended_words, fit_pixels
+from captioner.viz.overlay import head_grid
 
 if TYPE_CHECKING:
     import gradio as gr
@@ -103,12 +95,10 @@ def show(image: Image.Image, caption: Caption) -> Shown:
     """Each word's attention, mean of layers and heads, blended over the image brought to
     `MIN_SIDE`..`MAX_SIDE` pixels, all on one colour scale: what `viz.save_gif` draws per
     frame, without the text."""
-    pixels = fit_pixels(as_rgb(image), MIN_SIDE, MAX_SIDE)  # (H, W, 3)
-    maps = word_maps(caption.image_attention, caption.words, None, None)  # (T, gh, gw)
-    heat = attention_to_pixels(maps, pixels.shape[:2])  # (T, H, W)
-    top = shared_max(heat)
-    overlays = [np.round(blend_heatmap(pixels, h, top, ALPHA) * 255).astype(np.uint8) for h in heat]
-    return Shown(pixels, caption, overlays)
+    pixels, blended = blended_words(
+        image, caption.image_attention, caption.words, min_side=MIN_SIDE, max_side=MAX_SIDE
+    )
+    return Shown(pixels, caption, [np.round(b * 255).astype(np.uint8) for b in blended])
 
 
 def caption_image(

@@ -61,8 +61,7 @@ def _levels(maps: torch.Tensor) -> dict[str, Any]:
     }
 
 
-def _png(image: ImageLike) -> str:
-    pixels = (as_rgb(image) * 255).round().astype(np.uint8)
+def _png(pixels: np.ndarray) -> str:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG", optimize=True)
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
@@ -83,10 +82,11 @@ def _item(entry: ExplorerImage, num_prefix_tokens: int) -> dict[str, Any]:
         encoder = _levels(weights.mean(dim=1)[:, cut, cut])  # (layers, patches, patches)
         flow = attention_rollout(weights, num_prefix_tokens=num_prefix_tokens)[cut, cut]
         rollout = _levels(flow)  # row j: how much each input patch reaches output token j
+    pixels = (as_rgb(entry.image) * 255).round().astype(np.uint8)  # (H, W, 3)
     return {
         "name": entry.name,
-        "image": _png(entry.image),
-        "size": list(as_rgb(entry.image).shape[:2]),
+        "image": _png(pixels),
+        "size": list(pixels.shape[:2]),
         "grid": [rows, cols],
         "words": caption.words,
         "probs": caption.token_logprobs.float().exp().tolist(),

@@ -97,6 +97,25 @@ def fit_pixels(pixels: np.ndarray, min_side: int, max_side: int) -> np.ndarray:
     return pixels.repeat(scale, axis=0).repeat(scale, axis=1)  # (H * s, W * s, 3)
 
 
+def blended_words(
+    image: ImageLike,
+    attention: torch.Tensor,
+    words: Sequence[str],
+    layer: int | None = None,
+    head: int | None = None,
+    alpha: float = ALPHA,
+    min_side: int = 256,
+    max_side: int = 320,
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The image at frame size (`fit_pixels`) and, for each word, its attention blended over
+    it (RGB floats), every word on one colour scale: a GIF's frames before the caption is
+    written under them, and the demo app's overlays."""
+    pixels = fit_pixels(as_rgb(image), min_side, max_side)  # (h, w, 3)
+    heat = attention_to_pixels(word_maps(attention, words, layer, head), pixels.shape[:2])
+    top = shared_max(heat)  # heat: (T, h, w)
+    return pixels, [blend_heatmap(pixels, h, top, alpha) for h in heat]
+
+
 def save_gif(
     path: str | Path,
     image: ImageLike,
@@ -118,15 +137,10 @@ def save_gif(
     `min_side` (`fit_pixels`), and the heat-map computed at that size. All frames share one
     colour scale, as in `word_overlays`.
     """
-    pixels = fit_pixels(as_rgb(image), min_side, max_side)  # (h, w, 3)
-    heat = attention_to_pixels(word_maps(attention, words, layer, head), pixels.shape[:2])
-    top = shared_max(heat)  # heat: (T, h, w)
+    pixels, blended = blended_words(image, attention, words, layer, head, alpha, min_side, max_side)
     font = _font(max(12, pixels.shape[1] // 20))
     places, band = _layout(words, font, pixels.shape[1])
-    frames = [
-        _frame(blend_heatmap(pixels, heat[k], top, alpha), words, places, band, k, font)
-        for k in range(len(words))
-    ]
+    frames = [_frame(b, words, places, band, k, font) for k, b in enumerate(blended)]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     frames[0].save(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,9 +15,21 @@ from captioner.tasks import CONF_DIR, compose_config
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    # workers share the cores: more threads than cores leaves OpenMP spinning, not computing;
+    # processes the tests start (scripts, DDP ranks, notebook kernels) read OMP_NUM_THREADS
+    _THREADS = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ["OMP_NUM_THREADS"] = str(_THREADS)
+    torch.set_num_threads(_THREADS)
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """`-n auto`: a worker per core, at most four (each trains its own session checkpoint)."""
+    return min(4, os.cpu_count() or 1)
+
 
 @pytest.fixture(autouse=True)
-def _seed_and_threads() -> None:
+def _seed() -> None:
     torch.manual_seed(0)
 
 

@@ -120,10 +120,11 @@ def _curve(folder: Path, key: str = "val/scene_acc") -> dict[int, float]:
 def group_runs(runs: Sequence[Run]) -> list[Variant]:
     """Runs the user named alike in one variant of that name (training recipes of one
     architecture: cross-entropy, SCST, ...); the others, runs of the same architecture in one
-    variant, in the order first met, and variants that share a fusion but differ elsewhere
-    told apart by a number."""
+    variant, in the order first met, named by their fusion and told apart by a number from
+    each other and from the named rows (every row's name is its key in the costs and JSON)."""
     variants: list[Variant] = []
     named: dict[str, Variant] = {}
+    unnamed: list[Variant] = []
     for run in runs:
         if run.name is not None:
             if run.name not in named:
@@ -136,14 +137,19 @@ def group_runs(runs: Sequence[Run]) -> list[Variant]:
                 )
             named[run.name].runs.append(run)
             continue
-        same_model = (v for v in variants if v.config.to_dict() == run.config.to_dict())
-        match = next((v for v in same_model if v.name not in named), None)
+        match = next((v for v in unnamed if v.config.to_dict() == run.config.to_dict()), None)
         if match is None:
-            name = run.config.label
-            same = sum(v.config.label == name for v in variants if v.name not in named)
-            match = Variant(name if not same else f"{name} #{same + 1}", run.config)
+            match = Variant(run.config.label, run.config)
+            unnamed.append(match)
             variants.append(match)
         match.runs.append(run)
+    taken = set(named)
+    for variant in unnamed:
+        label, number = variant.name, 1
+        while variant.name in taken:
+            number += 1
+            variant.name = f"{label} #{number}"
+        taken.add(variant.name)
     return variants
 
 

@@ -102,3 +102,19 @@ def test_named_run_folders_are_rows_of_their_own(tmp_path: Path) -> None:
     other = Run(tmp_path / "9", {}, tiny_config(decoder="prefix"), name="ce")
     with pytest.raises(DataError, match="architecture differs from the other runs named 'ce'"):
         group_runs([*runs, other])
+
+
+def test_unnamed_rows_never_take_a_name_already_in_the_table(tmp_path: Path) -> None:
+    """Row names key the measured costs and comparison.json: an unnamed architecture whose
+    label a named row (or another unnamed architecture) already holds gets a number."""
+    wide = tiny_config(decoder_dim=32)
+    runs = [
+        Run(tmp_path / "0", {}, tiny_config()), Run(tmp_path / "1", {}, wide),
+        Run(tmp_path / "2", {}, tiny_config(), name="cross"),
+        Run(tmp_path / "3", {}, tiny_config(decoder="prefix"), name="cross #2"),
+        Run(tmp_path / "4", {}, tiny_config()),
+    ]  # fmt: skip
+    variants = group_runs(runs)
+    names = [(v.name, [r.folder.name for r in v.runs]) for v in variants]
+    assert names == [("cross #3", ["0", "4"]), ("cross #4", ["1"]), ("cross", ["2"]),
+                     ("cross #2", ["3"])]  # fmt: skip

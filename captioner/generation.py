@@ -11,7 +11,8 @@ reference that the cached path is tested against.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -419,6 +420,18 @@ class _Search:
         return tokens, token_logprobs, query_rows, end + 1
 
 
+@contextmanager
+def evaluating(model: torch.nn.Module) -> Iterator[None]:
+    """`model` without dropout for the block, then in the mode it was: decoding is always the
+    deterministic model, whatever mode training left it in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def generate(
     model: CaptionerModel,
@@ -446,9 +459,7 @@ def generate(
     if samples < 1 or (samples > 1 and not options.do_sample):
         raise ConfigError(f"{samples} captions per image need do_sample (and samples >= 1).")
     ids = (bos_id, eos_id, pad_id)
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         if memory is None:
             assert images is not None
             memory, _ = model.encode(images)  # (B, S, D): once per image
@@ -461,5 +472,3 @@ def generate(
             vocab_size=model.config.vocab_size,
         )  # fmt: skip
         return search.beam_search() if options.beam_size > 1 else search.greedy_or_sample(generator)
-    finally:
-        model.train(was_training)

@@ -22,7 +22,7 @@ import torch
 
 from captioner.data.vocab_cache import cached_json
 from captioner.errors import ConfigError
-from captioner.generation import DecodingOptions, Generated, generate
+from captioner.generation import DecodingOptions, Generated, evaluating, generate
 from captioner.metrics import ptb
 from captioner.metrics.cider import CiderD, DocumentFrequency
 from captioner.models import CaptionerModel
@@ -158,10 +158,11 @@ def self_critical_loss(
     else:  # the mean of the other k - 1 draws of the image
         baseline = (rewards.sum(axis=1, keepdims=True) - rewards) / (k - 1)
     advantage = torch.as_tensor(rewards - baseline, dtype=torch.float32, device=memory.device)
-    logp, entropy, live = caption_logprobs(
-        net, memory.repeat_interleave(k, dim=0), drawn, tokenizer.bos_id,
-        banned=(tokenizer.bos_id, tokenizer.pad_id),
-    )  # fmt: skip
+    with evaluating(net):  # the policy that drew them: `generate` decodes without dropout
+        logp, entropy, live = caption_logprobs(
+            net, memory.repeat_interleave(k, dim=0), drawn, tokenizer.bos_id,
+            banned=(tokenizer.bos_id, tokenizer.pad_id),
+        )  # fmt: skip
     weights = advantage.reshape(-1, 1).expand_as(live)[live]
     loss = -(weights * logp).sum() / len(logp)
     if options.entropy:

@@ -35,10 +35,10 @@ TOKENIZER = Tokenizer.build([" ".join(WORDS)])
 BOS, EOS, PAD = TOKENIZER.bos_id, TOKENIZER.eos_id, TOKENIZER.pad_id
 
 
-def sharp_model(fusion: str = "cross", seed: int = 2) -> CaptionerModel:
+def sharp_model(fusion: str = "cross", seed: int = 2, dropout: float = 0.0) -> CaptionerModel:
     """A random model whose captions differ between images (see test_generation's `model`)."""
     torch.manual_seed(seed)
-    model = open_gates(CaptionerModel(tiny_config(**FUSIONS[fusion])), 1.0)
+    model = open_gates(CaptionerModel(tiny_config(dropout=dropout, **FUSIONS[fusion])), 1.0)
     with torch.no_grad():
         for param in model.parameters():
             if param.ndim >= 2:
@@ -159,6 +159,25 @@ def test_the_baselines_are_the_greedy_reward_and_the_other_draws_mean() -> None:
     assert len(seen) == 3  # no greedy decoding
     assert stats["baseline"] == pytest.approx(others.mean())
     assert stats["advantage"] == pytest.approx(np.abs(draws - others).mean())
+
+
+def test_the_gradient_is_for_the_policy_that_drew_the_captions() -> None:
+    """Captions are drawn without dropout (decoding is the deterministic model); with dropout
+    on in training, their log p must still be taken without it, or the gradient is for another
+    policy. The loss in training mode is the loss in eval mode, and the mode is left as it was."""
+    model = sharp_model(dropout=0.5)
+    memory = memory_of(model)
+    lengths = lambda captions, references: np.array([len(c.split()) for c in captions])  # noqa: E731
+    losses = []
+    for training in (True, False):
+        model.train(training)
+        torch.manual_seed(0)
+        loss, _ = self_critical_loss(
+            model, memory, [["x"]] * 3, TOKENIZER, SelfCritical(4), lengths
+        )
+        assert model.training is training
+        losses.append(loss.item())
+    assert losses[0] != 0.0 and losses[0] == pytest.approx(losses[1], rel=1e-6)
 
 
 def test_equal_rewards_push_nothing_but_the_entropy_bonus() -> None:

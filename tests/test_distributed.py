@@ -4,56 +4,37 @@ the metrics and write each file once; the trainer and SLURM configs build what t
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from builders import TINY_IMAGE_MODEL, write_shards
-from conftest import compose_train, tiny_config
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.utilities import rank_zero_only
 
+from captioner.cli.config import compose
+from captioner.core.errors import ConfigError, DataError
+from captioner.core.models import CaptionerModel
+from captioner.core.models.blocks import Block, DecoderBlock
 from captioner.data import ShapesDataModule, WebDataModule
-from captioner.errors import ConfigError, DataError
-from captioner.evaluation import EvalRow, gather_rows, merge_rows
 from captioner.metrics import GroundingMeter
-from captioner.models import CaptionerModel
-from captioner.models.blocks import Block, DecoderBlock
-from captioner.tasks import CONF_DIR
+from captioner.training.evaluation import EvalRow, gather_rows, merge_rows
+from tests.helpers import (
+    DDP_RUN,
+    TINY_IMAGE_MODEL,
+    compose_train,
+    tiny_config,
+    train_script,
+    write_shards,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
 CPU = SimpleNamespace(root_device=torch.device("cpu"))  # a CPU trainer's strategy
-# Two gloo processes, a few steps of a tiny model, validation at steps 2 and 4.
-DDP_RUN = (
-    "trainer=ddp_sim", "trainer.max_steps=4", "trainer.val_check_interval=2",
-    "callbacks.attention_samples=null", "callbacks.rich_progress_bar=null",
-    "+callbacks.probe._target_=builders.DistributedProbe",
-)  # fmt: skip
 TINY_IMAGES = (*TINY_IMAGE_MODEL, "data.batch_size=2", "data.num_workers=0", "data.epoch_samples=8")
 SHAPES = (
     "experiment=shapes_tiny", "data.num_train=64", "data.num_val=9", "data.num_test=9",
     "data.batch_size=4",
 )  # fmt: skip
-
-
-def train_script(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    """`scripts/train.py` as a user runs it, with every default folder under `cwd`, and the
-    test helpers importable (by this process and the DDP processes Lightning starts from it)."""
-    env = {
-        **os.environ, "PYTHONPATH": str(ROOT / "tests"), "CAPTIONER_ROOT": str(cwd / "root"),
-        "PYTHONUNBUFFERED": "1",
-    }  # fmt: skip
-    return subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "train.py"), *args],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
 
 
 def shapes_data(root: Path) -> tuple[tuple[str, ...], dict[str, list]]:
@@ -177,12 +158,6 @@ def test_gathered_rows_count_each_image_once() -> None:
         merge_rows([*parts, {"val": [row(0, hit, "another.png")]}])
 
 
-def compose_with_hydra(*overrides: str):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("train", overrides=list(overrides), return_hydra_config=True)
-
-
 def test_ddp_configs_build_trainers(tmp_path: Path) -> None:
     cfg = compose_train("trainer=ddp_sim", output_dir=tmp_path)
     trainer = instantiate(cfg.trainer, logger=False, enable_progress_bar=False)
@@ -217,10 +192,10 @@ def test_fsdp_config_wraps_each_encoder_and_decoder_block(tmp_path: Path) -> Non
 def test_slurm_launcher_asks_for_one_task_per_gpu(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    cfg = compose_with_hydra(
+    cfg = compose("train", [
         "hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2",
         "experiment=shapes_tiny",
-    )  # fmt: skip
+    ], hydra_config=True)  # fmt: skip
     launcher = cfg.hydra.launcher
     assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 4, 4)
     assert launcher.partition is None and launcher.timeout_min > 60
@@ -262,6 +237,7 @@ def test_submitit_launcher_runs_a_training_job(tmp_path: Path) -> None:
     assert list((tmp_path / "sweep" / ".submitit").iterdir())  # it went through submitit
 
 
+@pytest.mark.slow
 def test_sweep_that_would_start_ddp_processes_says_what_to_use(tmp_path: Path) -> None:
     result = train_script(
         "-m", "experiment=shapes_tiny", "trainer=ddp_sim", "data.num_train=64", "~logger",

@@ -15,14 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from captioner.app import check_overrides, ckpt_flag
-from captioner.errors import ConfigError
-from captioner.lit_module import warmup_cosine_schedule
-from captioner.tasks import evaluate, train
-from tests.builders import write_table
-from tests.conftest import compose_train
+from captioner.cli.app import check_overrides, ckpt_flag
+from captioner.core.errors import ConfigError
+from captioner.training.lit_module import warmup_cosine_schedule
+from captioner.training.tasks import evaluate, train
+from tests.helpers import ROOT, compose_train, write_table
 
-ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ("train.py", "eval.py", "validate_data.py")
 QUICK = (
     "experiment=shapes_tiny", "data.image_size=[32,48]", "data.num_train=64", "data.num_val=8",
@@ -123,12 +121,14 @@ def test_a_min_freq_that_empties_the_vocabulary_says_so(tmp_path: Path) -> None:
         train(cfg)
 
 
+@pytest.mark.slow
 def test_training_without_a_logger_drops_the_learning_rate_monitor(tmp_path: Path) -> None:
     cfg = compose_train(*QUICK, "~logger", "debug=fdr", output_dir=tmp_path)
     _, objects = train(cfg)  # LearningRateMonitor refuses a trainer without a logger
     assert objects["trainer"].global_step == 1
 
 
+@pytest.mark.slow
 def test_eval_takes_a_change_to_the_checkpoints_data_config(
     trained_run: Path, tmp_path: Path
 ) -> None:
@@ -147,6 +147,7 @@ def without_java() -> dict[str, str]:
     return {**os.environ, "PATH": str(Path(sys.executable).parent)}
 
 
+@pytest.mark.slow
 def test_eval_without_java_scores_what_needs_no_java_and_says_so(
     trained_run: Path, tmp_path: Path
 ) -> None:
@@ -163,6 +164,7 @@ def test_eval_without_java_scores_what_needs_no_java_and_says_so(
     assert "Java is not installed" in (run / "eval.log").read_text()
 
 
+@pytest.mark.slow
 def test_training_without_java_validates_and_says_what_the_test_leaves_out(
     tmp_path: Path,
 ) -> None:
@@ -198,6 +200,7 @@ def test_help_is_plain_and_lists_only_the_groups_used(name: str, tmp_path: Path)
 # --- the first run ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_training_says_what_it_wrote_and_what_to_type_next(tmp_path: Path) -> None:
     run = tmp_path / "run"
     result = script("train.py", *QUICK, f"hydra.run.dir={run}", cwd=tmp_path)
@@ -212,8 +215,11 @@ def test_training_says_what_it_wrote_and_what_to_type_next(tmp_path: Path) -> No
     assert Path(ckpt).is_file() and Path(ckpt).parent == run / "checkpoints"
     log = (run / "train.log").read_text()
     assert "headline metrics" in log and f"checkpoint: {ckpt}" in log and "GPU available" in log
-    # the printed command scores the checkpoint, and eval.log holds what eval showed
-    command = re.search(r"^score it: +python (scripts/eval.py .+)$", result.stdout, re.MULTILINE)
+    # the printed command (the eval script beside the train script run) scores the checkpoint,
+    # and eval.log holds what eval showed
+    command = re.search(
+        rf"^score it: +python ({re.escape(str(ROOT))}/scripts/eval.py .+)$", result.stdout, re.M
+    )
     args = shlex.split(command.group(1))[1:]
     scored = script("eval.py", *args, f"hydra.run.dir={tmp_path / 'eval'}", cwd=ROOT)
     assert scored.returncode == 0, scored.stderr[-3000:]
@@ -249,6 +255,6 @@ def test_a_warmup_longer_than_the_run_is_cut_to_a_tenth_of_it(
 
 
 def test_training_resumes_from_a_run_folder_as_from_its_last_checkpoint(trained_run: Path) -> None:
-    from captioner.tasks import _resume_from
+    from captioner.training.resume import _resume_from
 
     assert _resume_from(str(trained_run), []) == trained_run / "checkpoints" / "last.ckpt"

@@ -13,19 +13,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from builders import image_bytes, scenes, write_coco
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from test_records import coco, data_error
 
+from captioner.core.errors import DataError, ImageLoadError
+from captioner.core.images import load_image
+from captioner.core.tokenizer import MAX_CAPTION_CHARS, Tokenizer, one_line, split_words
 from captioner.data.policy import BadSample
 from captioner.data.records import Record, read_coco, read_flickr, read_karpathy, read_table
 from captioner.data.shards import sample_captions
-from captioner.data.tokenizer import MAX_CAPTION_CHARS, Tokenizer, one_line, split_words
-from captioner.data.transforms import load_image
-from captioner.errors import DataError, ImageLoadError
 from captioner.metrics import caption_scores
+from tests.helpers import coco, data_error, image_bytes, scenes, write_coco
 
 FUZZ = settings(
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow]
@@ -349,10 +348,8 @@ def test_a_training_run_skips_a_mislabelled_file_and_keeps_a_mislabelled_image(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A PNG saved as .jpg trains; a text file saved as .jpg is one logged skip."""
-    from conftest import compose_train
-    from test_datasets import TINY, data_overrides
-
-    from captioner.tasks import train
+    from captioner.training.tasks import train
+    from tests.helpers import TINY, compose_train, data_overrides
 
     paths = write_coco(tmp_path / "data")
     train_json = json.loads(paths["train_json"].read_text())

@@ -10,9 +10,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from builders import (
+from omegaconf import DictConfig
+
+from captioner.core.checkpoint import export, load_checkpoint
+from captioner.core.errors import CheckpointError, ConfigError, DataError
+from captioner.data.policy import BadSample
+from captioner.data.records import read_coco, read_flickr, read_table
+from captioner.data.shards import sample_captions
+from captioner.training.tasks import evaluate, train, validate_data
+from tests.helpers import (
     QUIET,
     TINY_IMAGE_MODEL,
+    compose_train,
     image_bytes,
     scenes,
     write_coco,
@@ -22,15 +31,6 @@ from builders import (
     write_tar,
     write_webdataset,
 )
-from conftest import compose_train
-from omegaconf import DictConfig
-
-from captioner.checkpoint import export, load_checkpoint
-from captioner.data.policy import BadSample
-from captioner.data.records import read_coco, read_flickr, read_table
-from captioner.data.shards import sample_captions
-from captioner.errors import CheckpointError, ConfigError, DataError
-from captioner.tasks import evaluate, train, validate_data
 
 TINY_RUN = (
     "experiment=shapes_tiny", "data.num_train=16", "data.batch_size=8", "data.num_val=8",

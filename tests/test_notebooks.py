@@ -9,10 +9,11 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from captioner.checkpoint import load_checkpoint
-from tests.conftest import EXPERIMENTS, compose_train
+from captioner.core.checkpoint import load_checkpoint
+from captioner.data.stored import recorded_datamodule
+from tests.helpers import EXPERIMENTS, ROOT, compose_train
 
-NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 # figures each notebook shows (PNG outputs), and animations (GIF outputs)
 SHOWN = {
     "01_cross_attention_over_patches": (4, 1),
@@ -74,6 +75,6 @@ def test_notebook_runs_shows_its_figures_and_leaves_the_run_folder_alone(
     assert shown == SHOWN[path.stem]
     assert checkpoint.exists()
     if path.stem == "01_cross_attention_over_patches":  # captions set beside every reference
-        world = load_checkpoint(checkpoint).datamodule().world
+        world = recorded_datamodule(load_checkpoint(checkpoint)).world
         printed = "".join(out.get("text", "") for cell in code for out in cell.outputs)
         assert all(ref in printed for i in range(4) for ref in world.scene("test", i).captions)

@@ -4,7 +4,6 @@ features, which must give the loss and gradients of the live frozen encoder."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -15,17 +14,16 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from captioner.callbacks import weights_hash
-from captioner.checkpoint import export, load_checkpoint
+from captioner.cli import caption as caption_command
+from captioner.core.checkpoint import export, load_checkpoint
+from captioner.core.inference import Captioner
+from captioner.core.models import CaptionerConfig, CaptionerModel
 from captioner.data import ImagePreprocess, ShapesDataModule
-from captioner.inference import Captioner
-from captioner.lit_module import teacher_forced_loss
-from captioner.models import CaptionerConfig, CaptionerModel
-from captioner.tasks import evaluate, train
-from tests.builders import QUIET
-from tests.conftest import compose_train
+from captioner.training.callbacks import weights_hash
+from captioner.training.lit_module import teacher_forced_loss
+from captioner.training.tasks import evaluate, train
+from tests.helpers import QUIET, compose_train
 
-ROOT = Path(__file__).resolve().parents[1]
 NAME = "vit_small_patch16_224.dino"  # trained on ImageNet statistics, not our default 0.5s
 TINY = {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
 TINY_OVERRIDE = "model.encoder.kwargs={patch_size:8,embed_dim:32,depth:2,num_heads:2}"
@@ -35,10 +33,6 @@ SHORT = (
     "data.batch_size=16", "model.decoder.dim=32", "model.decoder.heads=2",
     "trainer.max_steps=6", "trainer.val_check_interval=4", "trainer.precision=32", *QUIET,
 )  # fmt: skip
-
-spec = importlib.util.spec_from_file_location("caption_script", ROOT / "scripts" / "caption.py")
-caption_script = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(caption_script)
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +88,7 @@ def test_the_checkpoint_rebuilds_offline_and_captions(pretrained_run, tmp_path, 
     assert first.image_attention.shape[-2:] == (4, 6)  # the patches only: CLS left out
     image.save(tmp_path / "photo.png")
     figures = tmp_path / "figures"
-    code = caption_script.main(
+    code = caption_command.main(
         ["--ckpt", str(ckpt), "--beam-size", "1", "--save-attention", str(figures), "--json",
          str(tmp_path / "photo.png")]
     )  # fmt: skip

@@ -16,17 +16,11 @@ from hydra.utils import instantiate
 from lightning import Trainer
 from lightning.pytorch.callbacks import ProgressBar
 
-from tests.conftest import compose_train
-from tests.test_caption_output import ROOT, run_caption, scene
+from tests.helpers import ROOT, compose_train, run_caption, scene
 
 CAPTION = [sys.executable, str(ROOT / "scripts" / "caption.py")]
 EVAL = [sys.executable, str(ROOT / "scripts" / "eval.py")]
 BAR_TRACES = ("\r", "\x1b", "it/s", "images/s", "━━")  # what a drawn bar leaves behind
-
-
-@pytest.fixture(scope="module")
-def ckpt(trained_run: Path) -> Path:
-    return trained_run / "checkpoints" / "last.ckpt"
 
 
 @pytest.fixture
@@ -61,6 +55,7 @@ def on_terminal(command: list[str], cwd: Path) -> tuple[int, bytes, str]:
 
 
 @pytest.mark.parametrize("options", [[], ["--json"]], ids=["tsv", "json"])
+@pytest.mark.slow
 def test_caption_draws_a_bar_on_a_terminal_and_nothing_when_piped(
     options: list[str], ckpt: Path, images: Path, tmp_path: Path
 ) -> None:
@@ -80,6 +75,7 @@ def test_caption_draws_a_bar_on_a_terminal_and_nothing_when_piped(
         assert [row[0] for row in rows] == paths and all(len(row) == 2 and row[1] for row in rows)
 
 
+@pytest.mark.slow
 def test_no_progress_keeps_a_terminal_free_of_the_bar(
     ckpt: Path, images: Path, tmp_path: Path
 ) -> None:
@@ -89,6 +85,7 @@ def test_no_progress_keeps_a_terminal_free_of_the_bar(
     assert status == 0 and out.count(b"\n") == 5 and shown == "", shown
 
 
+@pytest.mark.slow
 def test_eval_draws_lightnings_bar_on_a_terminal_and_nothing_when_piped(
     ckpt: Path, tmp_path: Path
 ) -> None:

@@ -15,23 +15,22 @@ from typing import Any
 
 import pytest
 import torch
-from builders import QUIET
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from captioner.checkpoint import (
+from captioner.core.checkpoint import (
     CONFIG_NAME,
     WEIGHTS_NAME,
-    SafeCheckpointIO,
-    _contents,
     export,
     load_checkpoint,
     load_trusted_pickle,
 )
-from captioner.errors import CheckpointError, ConfigError, UnsafeCheckpointError
-from captioner.inference import Captioner
-
-ROOT = Path(__file__).resolve().parents[1]
+from captioner.core.checkpoint.contents import _contents
+from captioner.core.errors import CheckpointError, ConfigError, UnsafeCheckpointError
+from captioner.core.inference import Captioner
+from captioner.data.stored import recorded_datamodule
+from captioner.training.checkpoint_io import SafeCheckpointIO
+from tests.helpers import QUIET, ROOT
 
 
 class RunsCode:
@@ -42,11 +41,6 @@ class RunsCode:
 
     def __reduce__(self) -> tuple:
         return (os.makedirs, (str(self.marker),))
-
-
-@pytest.fixture(scope="module")
-def ckpt(trained_run: Path) -> Path:
-    return trained_run / "checkpoints" / "last.ckpt"
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +95,7 @@ def refused_in_one_line(process: subprocess.Popen, expected: str) -> None:
 
 
 @pytest.mark.parametrize("route", ["pipe_shard", "nested_target", "pickle"])
+@pytest.mark.slow
 def test_no_entry_point_runs_what_a_checkpoint_carries(
     route: str, saved: dict[str, Any], scenes_folder: Path, tmp_path: Path
 ) -> None:
@@ -128,7 +123,7 @@ def test_no_entry_point_runs_what_a_checkpoint_carries(
     with pytest.raises(CheckpointError, match=reason):
         Captioner.from_checkpoint(path)
     with pytest.raises(CheckpointError, match=reason):
-        load_checkpoint(path).datamodule()  # the notebooks' way to the data
+        recorded_datamodule(load_checkpoint(path))  # the notebooks' way to the data
     assert not marker.exists()
     assert not (tmp_path / "export").exists()
     if route == "pickle":  # the file really is malicious: trusting it runs the code
@@ -136,6 +131,7 @@ def test_no_entry_point_runs_what_a_checkpoint_carries(
         assert marker.exists()
 
 
+@pytest.mark.slow
 def test_a_run_folder_is_read_as_safely_as_its_checkpoint(
     saved: dict[str, Any], tmp_path: Path
 ) -> None:
@@ -154,6 +150,7 @@ def test_a_run_folder_is_read_as_safely_as_its_checkpoint(
 
 
 @pytest.mark.parametrize("route", ["pipe_shard", "nested_target"])
+@pytest.mark.slow
 def test_an_export_folder_carrying_code_is_refused(route: str, ckpt: Path, tmp_path: Path) -> None:
     folder, marker = tmp_path / "export", tmp_path / "code_ran"
     export(load_checkpoint(ckpt), folder)
@@ -170,7 +167,8 @@ def test_an_export_folder_carrying_code_is_refused(route: str, ckpt: Path, tmp_p
 
 
 def test_training_never_records_shards_read_through_a_command(tmp_path: Path) -> None:
-    from captioner.data.stored import check_data_config, record_data_config
+    from captioner.core.checkpoint import record_data_config
+    from captioner.data.stored import check_data_config
 
     recorded = record_data_config(shards_data("pipe:aws s3 cp s3://bucket/test.tar -"))
     assert recorded["test_shards"] is None and recorded["train_shards"] == "train.tar"
@@ -191,13 +189,14 @@ def test_the_only_unsafe_load_is_the_documented_escape_hatch() -> None:
         for path in sorted((ROOT / folder).rglob("*")):
             if path.suffix in (".py", ".ipynb"):
                 text = path.read_text()
-                unsafe += [f"{path.name}: {m}" for m in re.findall(r"weights_only=False", text)]
+                name = path.relative_to(ROOT)
+                unsafe += [f"{name}: {m}" for m in re.findall(r"weights_only=False", text)]
                 unsafe += [
                     f"{path.name}: {call}"
                     for call in re.findall(r"torch\.load\([^)]*\)", text)
                     if "weights_only=True" not in call and "weights_only=False" not in call
                 ]
-    assert unsafe == ["checkpoint.py: weights_only=False"]
+    assert unsafe == ["captioner/core/checkpoint/contents.py: weights_only=False"]
 
 
 def test_the_escape_hatch_exports_a_trusted_pickle_safely(
@@ -373,6 +372,7 @@ def test_lightning_never_restores_paths_outside_the_checkpoint_folder(
     assert victim.is_dir()
 
 
+@pytest.mark.slow
 def test_export_refuses_weights_that_would_caption_garbage(
     saved: dict[str, Any], tmp_path: Path
 ) -> None:
@@ -474,7 +474,7 @@ def test_weights_that_claim_more_than_they_store_are_refused(
     with pytest.raises(CheckpointError, match="unexpected"):
         load_checkpoint(path)
     path = tampered(saved, tmp_path / "seed.ckpt", lambda state: state.update(run_seed="abc"))
-    from captioner.lit_module import CaptionerLitModule
+    from captioner.training.lit_module import CaptionerLitModule
 
     module = SimpleNamespace(run_seed=0)  # what on_load_checkpoint reads of the module
     with pytest.raises(CheckpointError, match="run_seed 'abc' is not a seed"):

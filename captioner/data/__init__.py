@@ -1,5 +1,8 @@
-"""Tokenizer, datasets and DataModules. Never imports the models."""
+"""Datasets and DataModules, on the core alone (the tokenizer and image loading they use are
+the core's, re-exported here for the paths of earlier versions)."""
 
+from captioner.core.images import ImagePreprocess, load_image
+from captioner.core.tokenizer import Tokenizer, split_words
 from captioner.data.datamodule import CaptionDataModule, ShapesDataModule
 from captioner.data.files import (
     CocoDataModule,
@@ -10,8 +13,6 @@ from captioner.data.files import (
 )
 from captioner.data.shapes import Scene, ShapesWorld, parse_caption
 from captioner.data.shards import WebDataModule
-from captioner.data.tokenizer import Tokenizer, split_words
-from captioner.data.transforms import ImagePreprocess, load_image
 
 __all__ = [
     "CaptionDataModule",

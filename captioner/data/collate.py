@@ -7,10 +7,10 @@ from typing import Any
 
 import torch
 
+from captioner.core.images import ImagePreprocess
+from captioner.core.tokenizer import Tokenizer
 from captioner.data.features import FeatureStore
 from captioner.data.policy import BAD, BadSample
-from captioner.data.tokenizer import Tokenizer
-from captioner.data.transforms import ImagePreprocess
 
 
 class Opaque:

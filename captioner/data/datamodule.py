@@ -18,16 +18,17 @@ from lightning.pytorch.strategies import FSDPStrategy
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, Sampler
 
+from captioner.core.errors import CheckpointError, ConfigError
+from captioner.core.images import ImagePreprocess, image_size_pair
+from captioner.core.seeding import mix_seed
+from captioner.core.tokenizer import Tokenizer
+from captioner.core.values import is_int, short
+from captioner.data.augment import TrainAugment
+from captioner.data.cache import cached_tokenizer
 from captioner.data.collate import CaptionCollator
 from captioner.data.features import FeatureStore
 from captioner.data.policy import BAD, BadSampleLog
 from captioner.data.shapes import ShapesDataset, ShapesWorld
-from captioner.data.tokenizer import Tokenizer
-from captioner.data.transforms import ImagePreprocess, TrainAugment, image_size_pair
-from captioner.data.vocab_cache import cached_tokenizer
-from captioner.errors import CheckpointError, ConfigError
-from captioner.seeding import mix_seed
-from captioner.values import is_int, short
 
 
 def _usable_cpus() -> int:

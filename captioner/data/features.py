@@ -16,13 +16,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from captioner.core.files import write_text
 
 log = logging.getLogger(__name__)
 
@@ -41,20 +42,6 @@ Encode = Callable[[int, int], tuple[np.ndarray, np.ndarray]]
 def _canonical(value: Any) -> str:
     """One JSON text per value, so two keys compare equal exactly when their JSON does."""
     return json.dumps(value, sort_keys=True)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write `text` to a temporary file, sync it, and rename it over `path`, so a reader (or a
-    resumed build) sees the old file or the new one, never half of one."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        with tmp.open("w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 class FeatureStore:
@@ -228,7 +215,7 @@ class FeatureStore:
                 log.info("resuming features in %s from row %d of %d", self.folder, start, self.rows)
         if start is None:
             self._delete()
-            _write_atomic(self._path(KEY_FILE), json.dumps(self._description, indent=2))
+            write_text(self._path(KEY_FILE), json.dumps(self._description, indent=2))
             features, valid = self._memmaps("w+")
             start = 0
         else:
@@ -238,7 +225,7 @@ class FeatureStore:
             self._build(encode, features, valid, start, chunk_rows)
         finally:
             del features, valid  # unmap before anyone reads the files
-        _write_atomic(self._path(COMPLETE_FILE), self._digest + "\n")
+        write_text(self._path(COMPLETE_FILE), self._digest + "\n")
         log.info("features in %s complete", self.folder)
 
     def _build(
@@ -261,7 +248,7 @@ class FeatureStore:
             features.flush()
             valid.flush()
             # only now, with the rows on disk, may progress count them
-            _write_atomic(self._path(PROGRESS_FILE), json.dumps({"rows_done": hi}))
+            write_text(self._path(PROGRESS_FILE), json.dumps({"rows_done": hi}))
             if hi * 10 // self.rows > tenth or hi == self.rows:
                 tenth = hi * 10 // self.rows
                 elapsed = time.monotonic() - began

@@ -15,13 +15,13 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from captioner.core.errors import ConfigError, DataError, ImageLoadError
+from captioner.core.images import load_image
+from captioner.core.tokenizer import tokenizer_settings
+from captioner.data.cache import data_key
 from captioner.data.datamodule import ImageDataModule
 from captioner.data.policy import BAD, BadSample
 from captioner.data.records import Record, read_coco, read_flickr, read_karpathy, read_table
-from captioner.data.tokenizer import tokenizer_settings
-from captioner.data.transforms import load_image
-from captioner.data.vocab_cache import data_key
-from captioner.errors import ConfigError, DataError, ImageLoadError
 
 TRAIN_CAPTIONS = ("one", "all")
 CHECKED_IMAGES = 16  # images stat'ed at start-up to catch a wrong image folder

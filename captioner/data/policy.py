@@ -12,7 +12,7 @@ import logging
 from collections.abc import Iterable
 from typing import NamedTuple
 
-from captioner.errors import ConfigError, DataError
+from captioner.core.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 

@@ -22,9 +22,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from captioner.core.errors import DataError
+from captioner.core.tokenizer import caption_problem, one_line
+from captioner.core.values import DuplicateKey, loads_unique
 from captioner.data.policy import BadSample, check_policy
-from captioner.data.tokenizer import caption_problem, one_line
-from captioner.errors import DataError
 
 _TOKEN_LINE = re.compile(r"(?P<image>[^\t]+)#\d+\t(?P<caption>.*)")  # `name.jpg#0<TAB>text`
 # `name.jpg| 0| text`. The separator after the number may be spaces alone: the Kaggle
@@ -288,31 +289,6 @@ def _parse_object(text: str, at: _At) -> dict[str, Any]:
     except ValueError as e:  # an integer of thousands of digits
         raise DataError(f"{at}: a number in it cannot be read ({e}).") from None
     return _check(value, (dict,), at)
-
-
-class DuplicateKey(ValueError):
-    """A JSON object naming the same key twice."""
-
-    def __init__(self, key: str) -> None:
-        super().__init__(f"duplicate key {key!r}")
-        self.key = key
-
-
-def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj = dict(pairs)
-    if len(obj) < len(pairs):  # find the first key named again
-        seen: set[str] = set()
-        for key, _ in pairs:
-            if key in seen:
-                raise DuplicateKey(key)
-            seen.add(key)
-    return obj
-
-
-def loads_unique(text: str | bytes) -> Any:
-    """`json.loads`, but an object that names a key twice is a `DuplicateKey` error instead of
-    keeping the last value silently."""
-    return json.loads(text, object_pairs_hook=_unique_pairs)
 
 
 def _check(value: Any, kinds: tuple[type, ...], at: _At) -> Any:

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from captioner.data.tokenizer import split_words
-from captioner.data.transforms import image_size_pair
-from captioner.errors import ConfigError
+from captioner.core.errors import ConfigError
+from captioner.core.images import image_size_pair
+from captioner.core.tokenizer import split_words
 
 MAX_CAPTIONS = 100  # distinct references a scene can be described by, at most
 COLOURS: dict[str, tuple[int, int, int]] = {

@@ -28,14 +28,14 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from captioner.core.errors import ConfigError, DataError, ImageLoadError
+from captioner.core.images import load_image
+from captioner.core.seeding import mix_seed
+from captioner.core.tokenizer import caption_problem, one_line, tokenizer_settings
+from captioner.core.values import DuplicateKey, loads_unique
+from captioner.data.cache import data_key
 from captioner.data.datamodule import ImageDataModule, seeded_sample
 from captioner.data.policy import BAD, BadSample
-from captioner.data.records import DuplicateKey, loads_unique
-from captioner.data.tokenizer import caption_problem, one_line, tokenizer_settings
-from captioner.data.transforms import load_image
-from captioner.data.vocab_cache import data_key
-from captioner.errors import ConfigError, DataError, ImageLoadError
-from captioner.seeding import mix_seed
 
 log = logging.getLogger(__name__)
 

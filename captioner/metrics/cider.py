@@ -16,12 +16,10 @@ no whitespace.
 
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from os import PathLike
 
 import numpy as np
 
@@ -79,15 +77,6 @@ class DocumentFrequency:
         if not isinstance(counts, Mapping) or not isinstance(num_images, int) or num_images < 1:
             raise ValueError("document frequencies need 'counts' (a mapping) and 'num_images' >= 1")
         return cls({str(k): int(v) for k, v in counts.items()}, num_images)
-
-    def save(self, path: str | PathLike[str]) -> None:
-        with open(path, "w", encoding="utf-8") as file:
-            json.dump(self.to_dict(), file, ensure_ascii=False)
-
-    @classmethod
-    def load(cls, path: str | PathLike[str]) -> DocumentFrequency:
-        with open(path, encoding="utf-8") as file:
-            return cls.from_dict(json.load(file))
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-from captioner.data.tokenizer import one_line
+from captioner.core.tokenizer import one_line
 from captioner.metrics import ptb
 from captioner.metrics.cider import cider_d
 

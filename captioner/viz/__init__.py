@@ -6,7 +6,7 @@ functions take `num_prefix_tokens` so a CLS token is dropped from maps but kept 
 
 from captioner.viz.encoder import encoder_attention_from_patch, encoder_patch_map, query_map
 from captioner.viz.explorer import ExplorerImage, explorer, explorer_html
-from captioner.viz.files import AttentionFolder
+from captioner.viz.files import AttentionFolder, save_figure
 from captioner.viz.gif import save_gif
 from captioner.viz.matrices import attention_matrices
 from captioner.viz.overlay import (
@@ -32,6 +32,7 @@ __all__ = [
     "head_grid",
     "query_map",
     "rollout_overlay",
+    "save_figure",
     "save_gif",
     "select_attention",
     "word_overlays",

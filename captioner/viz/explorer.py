@@ -28,7 +28,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from captioner.inference import Caption
+from captioner.core.files import write_text
+from captioner.core.inference import Caption
 from captioner.viz.overlay import ALPHA, ImageLike, as_rgb, heat_colormap
 from captioner.viz.rollout import attention_rollout
 
@@ -129,7 +130,5 @@ def explorer(
     title: str = "captioner: where each word looks",
 ) -> Path:
     """Write the page for `images` to `path` (`explorer_html`); returns the path."""
-    path = Path(path)
     html = explorer_html(images, num_prefix_tokens=num_prefix_tokens, title=title)
-    path.write_text(html, encoding="utf-8")
-    return path
+    return write_text(path, html)

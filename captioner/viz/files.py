@@ -1,4 +1,5 @@
-"""A folder of attention figures per captioned image (`scripts/caption.py --save-attention`)."""
+"""Figures written to files: any figure (`save_figure`), and a folder of attention figures per
+captioned image (`scripts/caption.py --save-attention`)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,11 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
+from matplotlib.figure import Figure
 from PIL import Image
 
-from captioner.errors import ConfigError
+from captioner.core.errors import ConfigError
+from captioner.core.files import atomic_write
 from captioner.viz.gif import save_gif
 from captioner.viz.matrices import attention_matrices
 from captioner.viz.overlay import word_overlays
@@ -16,6 +19,13 @@ from captioner.viz.overlay import word_overlays
 STEM_BYTES = 200  # a file name holds at most 255 bytes: room for "_matrices.png" and a hash
 SUFFIXES = (".png", ".gif", "_matrices.png")  # the files written for one image
 MAX_SIDE = 2048  # figures show an image no larger than this (a 8 x 10,000,000 strip is shrunk)
+
+
+def save_figure(figure: Figure, path: str | Path, dpi: int = 100) -> Path:
+    """`figure` as a PNG at `path`, written atomically (`captioner.core.files`)."""
+    with atomic_write(path) as file:
+        figure.savefig(file, format="png", dpi=dpi)
+    return Path(path)
 
 
 class AttentionFolder:
@@ -59,10 +69,10 @@ class AttentionFolder:
             image = image.copy()
             image.thumbnail((MAX_SIDE, MAX_SIDE))
         overlays = word_overlays(image, caption.image_attention, words)
-        overlays.savefig(self.directory / f"{name}.png", dpi=100)
+        save_figure(overlays, self.directory / f"{name}.png")
         save_gif(self.directory / f"{name}.gif", image, caption.image_attention, words)
         matrices = attention_matrices(
             words, caption.image_attention, caption.self_attention, caption.encoder_attention,
             num_prefix_tokens=num_prefix_tokens,
         )  # fmt: skip
-        matrices.savefig(self.directory / f"{name}_matrices.png", dpi=100)
+        save_figure(matrices, self.directory / f"{name}_matrices.png")

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
+from captioner.core.files import atomic_write
 from captioner.viz.overlay import (
     ALPHA,
     ImageLike,
@@ -142,14 +143,14 @@ def save_gif(
     places, band = _layout(words, font, pixels.shape[1])
     frames = [_frame(b, words, places, band, k, font) for k, b in enumerate(blended)]
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    frames[0].save(
-        path,
-        format="GIF",
-        save_all=True,
-        append_images=frames[1:],
-        duration=duration_ms,
-        loop=0,
-        optimize=False,
-    )
+    with atomic_write(path) as file:
+        frames[0].save(
+            file,
+            format="GIF",
+            save_all=True,
+            append_images=frames[1:],
+            duration=duration_ms,
+            loop=0,
+            optimize=False,
+        )
     return path
